@@ -1,0 +1,1 @@
+"""Checkpoint inspection: safe loading of weights, and weight-only analysis."""

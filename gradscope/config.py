@@ -1,0 +1,80 @@
+"""Analyzer thresholds and collection settings. Every default is documented in docs/findings.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import UsageError
+
+#: Default sampling period: statistics are collected on every N-th training step. Chosen so that the
+#: collection cost (measured in benchmarks/README.md) is spread to about 1 % of plain training.
+DEFAULT_EVERY = 10
+
+#: Collected steps kept in the bounded history ring (memory does not grow with training length).
+DEFAULT_HISTORY = 256
+
+
+@dataclass
+class Thresholds:
+    """Thresholds of every analyzer. Override any of them: ``gradscope.Thresholds(dead_warning=0.3)``."""
+
+    # --- gradients -------------------------------------------------------------------------------
+    #: A layer's gradient norm / weight norm below this, sustained, is vanishing (absolute rule).
+    vanishing_ratio: float = 1e-7
+    #: Earliest layers' gradient norm below this fraction of the last layers' is vanishing (depth rule).
+    vanishing_depth_ratio: float = 1e-4
+    #: A layer's gradient norm / weight norm above this is exploding.
+    exploding_ratio: float = 1e3
+    #: Gradient norm growing by more than this factor over the window (sustained) is exploding.
+    exploding_growth: float = 1e3
+    #: Share of collected steps over which a symptom must hold to be "sustained".
+    sustained_fraction: float = 0.6
+
+    # --- activations -----------------------------------------------------------------------------
+    #: Share of a layer's units dead over the window: warning at/above, critical at/above.
+    dead_warning: float = 0.5
+    dead_critical: float = 0.9
+    #: Share of outputs in the flat tails of a saturating function: warning at/above.
+    saturation_warning: float = 0.5
+    saturation_critical: float = 0.9
+
+    # --- normalization ---------------------------------------------------------------------------
+    #: |batch mean - running mean| / running std above this is drift.
+    norm_mean_gap: float = 3.0
+    #: |log(batch var / running var)| above this is drift (log(10) ~ 2.3).
+    norm_log_var_ratio: float = 2.3
+    #: Running variance below this is "near zero".
+    norm_min_running_var: float = 1e-6
+    #: Affine gain RMS below this is collapsed, above the other is exploding.
+    norm_gain_collapse: float = 1e-3
+    norm_gain_explode: float = 1e3
+    #: Norm-layer input RMS growing by more than this factor over training.
+    norm_input_growth: float = 1e3
+
+    # --- optimizer -------------------------------------------------------------------------------
+    #: ||dw|| / ||w|| per step: above is too large (warning / critical), below is too small.
+    update_ratio_high: float = 1e-1
+    update_ratio_critical: float = 1.0
+    update_ratio_low: float = 1e-7
+    #: Loss above this multiple of its recent range is a spike.
+    loss_spike: float = 10.0
+    #: Loss rising by more than this factor from its running minimum over the window is divergence.
+    loss_rise: float = 3.0
+
+    # --- numerics --------------------------------------------------------------------------------
+    #: Optimizer steps skipped for non-finite gradients (GradScaler) tolerated before it is a finding.
+    skipped_steps_persist: int = 5
+
+    # --- history ---------------------------------------------------------------------------------
+    #: Minimum collected steps before trend rules (growth, sustained) are judged.
+    min_steps: int = 3
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UsageError(f"Thresholds.{f.name} must be a number, got {value!r}")
+            if value < 0:
+                raise UsageError(f"Thresholds.{f.name} must be >= 0, got {value!r}")
+        if self.dead_critical < self.dead_warning:
+            raise UsageError("Thresholds.dead_critical must be >= dead_warning")

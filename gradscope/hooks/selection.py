@@ -1,0 +1,138 @@
+"""Special-module tables: how each kind of module is treated. One comment per entry, no scattered isinstance."""
+
+from __future__ import annotations
+
+from torch import nn
+
+# Modules whose output is exactly zero for "off" units: dead-unit detection is meaningful on them.
+RELU_LIKE: tuple[type[nn.Module], ...] = (
+    nn.ReLU,  # the classic: zero for negative input
+    nn.ReLU6,  # clipped ReLU; zero below 0 as well
+    nn.Threshold,  # generalised ReLU (replaces values below a threshold)
+    nn.Hardshrink,  # zero in a band around 0
+    nn.Softshrink,  # zero in a band around 0
+)
+
+# Saturating functions and the output bands that count as their "flat tails": where the derivative is
+# below ~5 % of its maximum (sigmoid: s(1-s) < 0.0125; tanh: 1 - t^2 < 0.05).
+SATURATION_BANDS: dict[type[nn.Module], tuple[float, float]] = {
+    nn.Sigmoid: (0.0127, 0.9873),
+    nn.Tanh: (-0.9747, 0.9747),
+    nn.Hardtanh: (-1.0, 1.0),  # exactly at min/max the derivative is zero (default bounds; see band_for)
+    nn.Hardsigmoid: (0.0, 1.0),  # flat outside (-3, 3): output exactly 0 or 1
+    nn.Softsign: (-0.8, 0.8),  # derivative (1-|y|)^2 < 0.04 beyond |y| > 0.8
+}
+
+# Normalization layers: their input is compared with running statistics, their gain watched for collapse.
+NORM_LAYERS: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
+        getattr(nn, "RMSNorm", None),  # torch >= 2.4
+        nn.LazyBatchNorm1d,
+        nn.LazyBatchNorm2d,
+        nn.LazyBatchNorm3d,
+    )
+    if t is not None
+)
+
+# Norm layers that normalize over dim 1 per channel (and so have per-channel batch statistics).
+CHANNEL_NORMS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+# Elementwise modules: their output has the same layout as their input, so they inherit the unit axis
+# (dim 1 after a conv, last dim after a linear) of the tensor they were given.
+ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    *RELU_LIKE,
+    *SATURATION_BANDS,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
+)
+
+# Modules whose outputs are channels-first (N, C, ...): the unit axis is dim 1 even for 3-D outputs.
+CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+# Dropout zeroes outputs at random per sample: dead-unit masks are meaningless on it.
+NO_DEAD_UNITS: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+
+
+def role_of(module: nn.Module) -> str:
+    """The analyzer-facing role of a module: relu, saturating, norm, dropout, container or other."""
+    if isinstance(module, RELU_LIKE):
+        return "relu"
+    if type(module) in SATURATION_BANDS or isinstance(module, tuple(SATURATION_BANDS)):
+        return "saturating"
+    if isinstance(module, NORM_LAYERS):
+        return "norm"
+    if isinstance(module, NO_DEAD_UNITS):
+        return "dropout"
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.modules.rnn.RNNBase):
+        return "recurrent"
+    if len(module._modules) > 0:
+        return "container"
+    return "other"
+
+
+def band_for(module: nn.Module) -> tuple[float, float] | None:
+    """The saturation band of a module, using its own bounds where it has them (Hardtanh(min, max))."""
+    if isinstance(module, nn.Hardtanh):  # includes ReLU6, but that one is relu-like first
+        return (float(module.min_val), float(module.max_val))
+    for t, band in SATURATION_BANDS.items():
+        if isinstance(module, t):
+            return band
+    return None
+
+
+def unit_dim(module: nn.Module, ndim: int, inherited: int | None) -> int | None:
+    """The axis holding a module's units, or None when the output has no unit axis (a scalar)."""
+    if ndim < 2:
+        return None
+    if ndim >= 4:
+        return 1
+    if isinstance(module, CHANNELS_FIRST):
+        return 1
+    if isinstance(module, ELEMENTWISE) and inherited is not None:
+        return inherited
+    return ndim - 1

@@ -1,0 +1,1 @@
+"""Optional integrations with training frameworks (Lightning, Hugging Face)."""

@@ -1,0 +1,1 @@
+"""Reporters render Reports and collected statistics; they compute nothing of their own."""

@@ -1,0 +1,1 @@
+"""Collected statistics: host-side records, on-device reductions, and the bounded history."""

@@ -1,0 +1,117 @@
+"""The bounded history store: a ring of recent StepRecords plus streaming summaries of the whole run.
+
+Memory does not grow with training length: the ring keeps the last ``capacity`` collected steps; what
+must survive beyond it (the first collected step, the first non-finite event, which parameters ever got
+a gradient, the loss curve at reduced resolution) is kept as small summaries.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..config import DEFAULT_HISTORY
+from .records import LayerInfo, ParamInfo, StepRecord
+
+
+@dataclass
+class NonfiniteEvent:
+    """Where and when NaN/Inf was first seen."""
+
+    step: int
+    layer: str
+    source: str  # "activation", "gradient", "param_grad", "weight", "loss"
+    param: str = ""  # the parameter, for "param_grad" / "weight"
+
+
+@dataclass
+class History:
+    """What analyzers read. Build it by hand in tests: ``History(layers=..., params=...)`` + ``add()``."""
+
+    layers: dict[str, LayerInfo] = field(default_factory=dict)
+    params: dict[str, ParamInfo] = field(default_factory=dict)
+    capacity: int = DEFAULT_HISTORY
+    has_optimizer: bool = False
+    optimizer_types: list[str] = field(default_factory=list)  # class names of watched optimizers
+    steps_seen: int = 0  # training steps completed (collected or not)
+    records: deque[StepRecord] = field(init=False)
+    first: StepRecord | None = field(default=None, init=False)
+    first_nonfinite: NonfiniteEvent | None = field(default=None, init=False)
+    ever_grad: set[str] = field(default_factory=set, init=False)  # params that ever received a gradient
+    losses: deque[tuple[int, float]] = field(init=False)  # (step, loss) of every step that gave one
+    skipped_steps: list[int] = field(default_factory=list, init=False)  # bounded: last `capacity`
+    skipped_total: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.records = deque(maxlen=self.capacity)
+        self.losses = deque(maxlen=4 * self.capacity)
+
+    def add(self, record: StepRecord) -> None:
+        """Append one collected step and update the run-long summaries."""
+        if self.first is None:
+            self.first = record
+        self.records.append(record)
+        self.steps_seen = max(self.steps_seen, record.step + 1)
+        for name, p in record.params.items():
+            if p.grad_norm is not None:
+                self.ever_grad.add(name)
+        if record.loss is not None:
+            self.add_loss(record.step, record.loss)
+        if record.skipped:
+            self.add_skipped(record.step)
+        if self.first_nonfinite is None:
+            self.first_nonfinite = _first_nonfinite(self, record)
+
+    def add_loss(self, step: int, loss: float) -> None:
+        if not self.losses or self.losses[-1][0] != step:
+            self.losses.append((step, float(loss)))
+        else:
+            self.losses[-1] = (step, float(loss))
+        if self.first_nonfinite is None and not _finite(loss):
+            self.first_nonfinite = NonfiniteEvent(step=step, layer="", source="loss")
+
+    def add_skipped(self, step: int) -> None:
+        if not self.skipped_steps or self.skipped_steps[-1] != step:
+            self.skipped_steps.append(step)
+            self.skipped_steps[:] = self.skipped_steps[-self.capacity :]
+            self.skipped_total += 1
+
+    def layer_order(self) -> dict[str, int]:
+        """Forward execution order; layers never seen running go last, in registration order."""
+        seen = sorted((info.order, i, name) for i, (name, info) in enumerate(self.layers.items()))
+        ran = [(o, i, n) for o, i, n in seen if o >= 0]
+        rest = [(o, i, n) for o, i, n in seen if o < 0]
+        return {n: k for k, (_, _, n) in enumerate(ran + sorted(rest, key=lambda t: t[1]))}
+
+    @property
+    def last(self) -> StepRecord | None:
+        return self.records[-1] if self.records else None
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
+def _first_nonfinite(history: History, record: StepRecord) -> NonfiniteEvent | None:
+    """The first module (forward order) whose output went non-finite; else backward order; else params."""
+    order = history.layer_order()
+    bad_act = [n for n, a in record.activations.items() if a.nonfinite > 0]
+    if bad_act:
+        layer = min(bad_act, key=lambda n: order.get(n, 1 << 30))
+        return NonfiniteEvent(step=record.step, layer=layer, source="activation")
+    bad_grad = [n for n, g in record.gradients.items() if g.nonfinite > 0]
+    if bad_grad:
+        layer = min(bad_grad, key=lambda n: record.gradients[n].order)
+        return NonfiniteEvent(step=record.step, layer=layer, source="gradient")
+    for pname, p in record.params.items():
+        if p.weight_nonfinite or p.grad_nonfinite:
+            info = history.params.get(pname)
+            return NonfiniteEvent(
+                step=record.step,
+                layer=info.layer if info else "",
+                source="weight" if p.weight_nonfinite else "param_grad",
+                param=pname,
+            )
+    if record.loss is not None and not _finite(record.loss):
+        return NonfiniteEvent(step=record.step, layer="", source="loss")
+    return None
