@@ -39,8 +39,10 @@ class Kind(str, Enum):
 Evidence = dict[str, "float | int | str"]
 
 
-def _clean(value: Any) -> float | int | str:
+def _clean(value: Any) -> Any:
     """JSON has no NaN/Inf: keep them readable as strings instead of emitting invalid JSON."""
+    if value is None:
+        return None
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):

@@ -55,6 +55,8 @@ class ActivationStats:
     # Per unit (dim 1 for conv-shaped outputs, last dim otherwise): True if the unit was non-zero for
     # at least one sample this step. None when the output has no unit axis.
     alive: np.ndarray | None = None
+    # A strided sample of output values (at most 1024), only when watch(histograms=True).
+    sample: np.ndarray | None = None
 
     @property
     def nonfinite(self) -> int:
@@ -70,6 +72,7 @@ class GradStats:
     nan: int
     inf: int
     order: int  # index of this module's first gradient in the step's backward order (0 = first)
+    sample: np.ndarray | None = None  # strided sample of gradient values, only with histograms=True
 
     @property
     def nonfinite(self) -> int:

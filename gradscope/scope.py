@@ -1,0 +1,494 @@
+"""Scope: watch() -> step() -> report() -> close(). The one object that owns every hook gradscope adds.
+
+Data flow: module/tensor/optimizer hooks call the StepCollector (on-device reductions) only on collected
+steps; the end of a collected step makes one packed transfer into a StepRecord appended to the bounded
+History; report() runs the analyzers over the History; reporters render the results.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import analyzers
+from .config import DEFAULT_EVERY, DEFAULT_HISTORY, Thresholds
+from .errors import AlreadyWatchedError, UsageError
+from .findings import Report
+from .hooks import selection
+from .hooks.handles import HandleSet
+from .hooks.outputs import floating
+from .stats.collector import StepCollector
+from .stats.history import History
+from .stats.params import UpdateProbe, param_batch
+from .stats.records import LayerInfo, ParamInfo, StepRecord
+from .stats.summary import layer_summary, run_summary
+
+# Every module currently watched by an open scope (weak: a deleted model frees its entry).
+_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+# Pure containers only route tensors: their outputs repeat their last child's, so they are not measured.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+# Evaluation forwards measured per normalization layer between two collected steps (bounds eval cost).
+_EVAL_BATCHES = 8
+
+# Pending loss values kept on the device before a transfer is forced (bounds memory when every is huge).
+_MAX_PENDING_LOSSES = 4096
+
+
+class GradscopeWarning(UserWarning):
+    """Something went wrong inside gradscope; training goes on."""
+
+
+@dataclass
+class _Watched:
+    """What the hooks need to know about one module, resolved once at watch() time."""
+
+    name: str
+    role: str
+    band: tuple[float, float] | None
+    count_neg: bool  # relu-like outputs are never negative: skip counting
+    want_units: bool  # per-unit alive masks: where outputs can be exactly zero
+    elementwise: bool
+    order: int = -1
+
+
+class Scope:
+    """Watches a model's gradient flow. Create with :func:`gradscope.watch`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        every: int = DEFAULT_EVERY,
+        console: Any = False,
+        thresholds: Thresholds | None = None,
+        *,
+        histograms: bool = False,
+        history: int = DEFAULT_HISTORY,
+    ) -> None:
+        self._validate(model, optimizer, log_dir, every, thresholds, history)
+        self.model = model
+        self.optimizers: list[torch.optim.Optimizer] = (
+            [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        )
+        self.every = int(every)
+        self.thresholds = thresholds or Thresholds()
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.console = console
+        self.histograms = bool(histograms)
+        self.closed = False
+
+        self._handles = HandleSet()
+        self._collector = StepCollector()
+        self._step = 0  # index of the training step in progress
+        self._collecting = True  # step 0 is always collected
+        self._next_order = 0
+        self._last_units: tuple[torch.Size, int] | None = None
+        self._losses: list[tuple[int, torch.Tensor | float]] = []
+        self._stepped: set[int] = set()  # ids of optimizers that stepped in the current step
+        self._probes: list[UpdateProbe] = []
+        self._writer: Any = None
+        self._warned: set[str] = set()
+
+        self._watched: dict[nn.Module, _Watched] = {}
+        self._named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        self._param_ids = {n: i for i, n in self._param_names.items()}
+        self.history = History(
+            layers=self._layer_infos(),
+            params=self._param_infos(),
+            capacity=history,
+            has_optimizer=bool(self.optimizers),
+            optimizer_types=[type(o).__name__ for o in self.optimizers],
+        )
+        for m in model.modules():
+            _WATCHED.add(m)
+        try:
+            self._install()
+        except BaseException:
+            self.close()
+            raise
+        if self.log_dir is not None:
+            self._open_writer()
+
+    # --- construction ---------------------------------------------------------------------------------
+    @staticmethod
+    def _validate(model: Any, optimizer: Any, log_dir: Any, every: Any, thresholds: Any, history: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
+        opts = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer] if optimizer is not None else []
+        for opt in opts:
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise UsageError(
+                    f"optimizer must be a torch.optim.Optimizer or a list of them, got {type(opt).__name__}"
+                )
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UsageError(f"every must be an int >= 1 (collect every N-th step), got {every!r}")
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise UsageError(f"thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise UsageError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise UsageError(f"history must be an int >= 1, got {history!r}")
+        already = [m for m in model.modules() if m in _WATCHED]
+        if already:
+            raise AlreadyWatchedError(
+                "this model (or one of its modules) is already watched by an open gradscope scope; "
+                "close() that scope first, or watch the model once"
+            )
+
+    def _measured(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.model.named_modules() if not isinstance(m, _CONTAINERS)]
+
+    def _layer_infos(self) -> dict[str, LayerInfo]:
+        infos: dict[str, LayerInfo] = {}
+        for name, module in self.model.named_modules():
+            infos[name] = LayerInfo(
+                name=name,
+                type=type(module).__name__,
+                role=selection.role_of(module),
+                params=[f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)],
+                saturation=selection.band_for(module),
+            )
+        return infos
+
+    def _param_infos(self) -> dict[str, ParamInfo]:
+        in_opt = self._optimizer_param_ids()
+        infos: dict[str, ParamInfo] = {}
+        for mname, module in self.model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                full = f"{mname}.{pname}" if mname else pname
+                if full not in self._param_names.values():
+                    continue  # a tied parameter: reported once, under its first name
+                infos[full] = ParamInfo(
+                    name=full,
+                    layer=mname,
+                    shape=tuple(p.shape),
+                    numel=p.numel(),
+                    dtype=str(p.dtype).replace("torch.", ""),
+                    requires_grad=p.requires_grad,
+                    in_optimizer=(id(p) in in_opt) if self.optimizers else None,
+                    group=in_opt.get(id(p)),
+                )
+        return infos
+
+    def _optimizer_param_ids(self) -> dict[int, int]:
+        groups: dict[int, int] = {}
+        index = 0
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    groups.setdefault(id(p), index)
+                index += 1
+        return groups
+
+    def _install(self) -> None:
+        for name, module in self._measured():
+            role = selection.role_of(module)
+            w = _Watched(
+                name=name,
+                role=role,
+                band=selection.band_for(module) if role == "saturating" else None,
+                count_neg=role != "relu",
+                want_units=role == "relu",
+                elementwise=isinstance(module, selection.ELEMENTWISE),
+            )
+            self._watched[module] = w
+            self._handles.keep(module.register_forward_hook(functools.partial(self._on_forward, w)))
+            if role == "norm":
+                self._handles.keep(module.register_forward_pre_hook(functools.partial(self._on_norm_input, w)))
+        for opt in self.optimizers:
+            self._handles.keep(opt.register_step_pre_hook(self._on_pre_step))
+            self._handles.keep(opt.register_step_post_hook(self._on_post_step))
+
+    # --- hooks ----------------------------------------------------------------------------------------
+    def _on_forward(self, w: _Watched, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not self._collecting or not torch.is_grad_enabled():
+            return  # non-collected steps and evaluation forwards cost one attribute read
+        if torch._C._current_graph_task_id() != -1:
+            return  # activation checkpointing re-runs forwards inside backward: already measured
+        if w.order < 0:
+            w.order = self._next_order
+            self._next_order += 1
+            self.history.layers[w.name].order = w.order
+        tensors = floating(output)
+        for i, t in enumerate(tensors):
+            unit = None
+            if i == 0:
+                inherited = None
+                if w.elementwise and self._last_units is not None and self._last_units[0] == t.shape:
+                    inherited = self._last_units[1]
+                dim = selection.unit_dim(module, t.dim(), inherited)
+                if dim is not None:
+                    self._last_units = (t.shape, dim)
+                unit = dim if w.want_units else None
+            if t.is_complex():
+                continue
+            self._collector.add_activation(
+                w.name, t, band=w.band, count_neg=w.count_neg, unit_dim=unit, sample=self.histograms
+            )
+            if t.requires_grad:
+                # A tensor hook, not a module backward hook: it survives in-place ops on the output and
+                # sees the gradient with respect to the value this module produced.
+                hook = functools.partial(self._on_grad, w.name)
+                self._handles.keep_for_step(t.register_hook(hook))
+
+    def _on_grad(self, name: str, grad: torch.Tensor) -> None:
+        if self._collecting and grad is not None:
+            self._collector.add_grad(name, grad, sample=self.histograms)
+
+    def _on_norm_input(self, w: _Watched, module: nn.Module, inputs: Any) -> None:
+        training = torch.is_grad_enabled()
+        if training:
+            if not self._collecting or torch._C._current_graph_task_id() != -1:
+                return
+        else:
+            seen = self._collector.eval_norms.get(w.name)
+            if seen is not None and seen.calls >= _EVAL_BATCHES:
+                return
+        x = inputs[0] if isinstance(inputs, tuple) and inputs else inputs
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 0:
+            self._collector.add_norm_input(w.name, module, x, training=training)
+
+    def _on_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if id(opt) in self._stepped:
+            self._end_step()  # the same optimizer stepped again: the previous step is over
+        if not self._collecting:
+            return
+        if self._collector.params is None:
+            self._collector.params = param_batch(self._named_params)
+        named = [
+            (self._param_names.get(id(p), "?"), p)
+            for group in opt.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        self._probes.append(UpdateProbe(named))
+
+    def _on_post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._collecting and self._probes and self._collector.params is not None:
+            names, sq = self._probes.pop().finish()
+            self._collector.params.update_names.extend(names)
+            self._collector.params.update_sq.append(sq)
+        self._stepped.add(id(opt))
+        if len(self._stepped) >= len(self.optimizers):
+            self._end_step()
+
+    # --- steps ----------------------------------------------------------------------------------------
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """End a training step (without an optimizer), or attach ``loss`` to the step that just ended."""
+        if self.closed:
+            return
+        if loss is not None:
+            value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise UsageError(f"step(loss=...) needs a scalar loss, got a tensor of shape {tuple(value.shape)}")
+            # With an optimizer the step already ended at optimizer.step(): the loss belongs to it.
+            owner = self._step - 1 if self.optimizers else self._step
+            self._losses.append((max(owner, 0), value))
+            if len(self._losses) >= _MAX_PENDING_LOSSES:
+                self._flush_losses()
+        if not self.optimizers:
+            self._end_step()
+
+    def _end_step(self) -> None:
+        if self._collecting:
+            try:
+                self._finish_record()
+            except Exception as exc:  # statistics must never break training
+                self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
+        self._handles.end_step()
+        self._collector.reset()
+        self._probes.clear()
+        self._stepped.clear()
+        self._step += 1
+        self.history.steps_seen = self._step
+        self._collecting = self._step % self.every == 0
+
+    def _finish_record(self) -> None:
+        if self._collector.params is None:
+            self._collector.params = param_batch(self._named_params)
+        self._refresh_optimizer_membership()
+        lrs, param_lr = self._learning_rates()
+        record, losses = self._collector.flush(self._step, losses=self._losses, lrs=lrs, param_lr=param_lr)
+        self._losses = []
+        self.history.add(record)
+        self._record_losses(losses)
+        self._write(record)
+
+    def _flush_losses(self) -> None:
+        """Move pending loss values to the host (one transfer): at report time or when many are pending."""
+        if not self._losses:
+            return
+        tensors = [v for _, v in self._losses if isinstance(v, torch.Tensor)]
+        host = torch.stack([t.float().reshape(()) for t in tensors]).cpu().tolist() if tensors else []
+        it = iter(host)
+        values = [(s, float(next(it)) if isinstance(v, torch.Tensor) else float(v)) for s, v in self._losses]
+        self._losses = []
+        self._record_losses(values)
+
+    def _flush_eval(self) -> None:
+        """Evaluation forwards seen since the last collected step join the latest record."""
+        pending = self._collector.flush_eval()
+        if pending and self.history.last is not None:
+            self.history.last.eval_norms.update(pending)
+
+    def _record_losses(self, values: list[tuple[int, float]]) -> None:
+        by_step = {r.step: r for r in self.history.records}
+        for s, v in values:
+            self.history.add_loss(s, v)
+            if s in by_step:
+                by_step[s].loss = v
+        if values and self._writer is not None:
+            self._call_writer("write_losses", values)
+
+    def _refresh_optimizer_membership(self) -> None:
+        if not self.optimizers:
+            return
+        groups = self._optimizer_param_ids()
+        for name, info in self.history.params.items():
+            p_id = self._param_ids.get(name)
+            info.in_optimizer = p_id in groups
+            info.group = groups.get(p_id) if p_id is not None else None
+
+    def _learning_rates(self) -> tuple[list[float], dict[str, float]]:
+        lrs: list[float] = []
+        param_lr: dict[str, float] = {}
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                lr = group.get("lr")
+                if lr is None:
+                    continue
+                lr = float(lr)  # a tensor lr (capturable optimizers) is read once, on collected steps only
+                lrs.append(lr)
+                for p in group["params"]:
+                    name = self._param_names.get(id(p))
+                    if name is not None:
+                        param_lr.setdefault(name, lr)
+        return lrs, param_lr
+
+    # --- results --------------------------------------------------------------------------------------
+    def report(self) -> Report:
+        """Analyze everything collected so far. Callable any time, any number of times."""
+        self._flush_losses()
+        self._flush_eval()
+        findings = analyzers.analyze(self.history, self.thresholds)
+        report = Report(findings=findings, steps=self.history.steps_seen, layers=layer_summary(self.history))
+        self._publish(report)
+        return report
+
+    def summary(self) -> dict[str, Any]:
+        """Run-level context for reporters: loss at start and end, learning rates."""
+        return run_summary(self.history)
+
+    def print_report(self, console: Any = None) -> Report:
+        """Print the rich terminal report now; returns the report it printed."""
+        from .reporters.terminal import print_report
+
+        report = self.report()
+        target = console if console is not None else (self.console if not isinstance(self.console, bool) else None)
+        print_report(report, target, summary=self.summary())
+        return report
+
+    def _publish(self, report: Report) -> None:
+        if self.log_dir is None:
+            return
+        try:
+            from .reporters.json import write_json
+
+            write_json(report, self.log_dir / "gradscope.json")
+        except Exception as exc:
+            self._warn_once("json", f"gradscope could not write gradscope.json: {exc!r}")
+        if self._writer is not None:
+            self._call_writer("write_report", report)
+
+    # --- files ----------------------------------------------------------------------------------------
+    def _open_writer(self) -> None:
+        try:
+            from .reporters.tensorboard import TensorBoardWriter
+
+            self._writer = TensorBoardWriter(self.log_dir, histograms=self.histograms)
+        except Exception as exc:
+            self._warn_once("tensorboard", f"gradscope will not write TensorBoard logs: {exc!r}")
+            self._writer = None
+
+    def _write(self, record: StepRecord) -> None:
+        if self._writer is not None:
+            self._call_writer("write_record", self.history, record)
+
+    def _call_writer(self, method: str, *args: Any) -> None:
+        fn = getattr(self._writer, method, None)
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # the writer already warns on OSError; anything else must not stop training
+            self._warn_once("tensorboard", f"gradscope stopped writing TensorBoard logs: {exc!r}")
+            self._writer = None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, GradscopeWarning, stacklevel=3)
+
+    # --- lifetime -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove every hook gradscope added, flush files, print the report if asked. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._handles.remove_all()
+        self._probes.clear()
+        self._collector.reset()
+        for m in self.model.modules():
+            _WATCHED.discard(m)
+        try:
+            if self.log_dir is not None or self.console:
+                report = self.report()
+                if self.console:
+                    from .reporters.terminal import print_report
+
+                    target = None if isinstance(self.console, bool) else self.console
+                    print_report(report, target, summary=self.summary())
+        except Exception as exc:  # closing must always release the model, even if reporting fails
+            self._warn_once("close", f"gradscope could not write its final report: {exc!r}")
+        finally:
+            if self._writer is not None:
+                try:
+                    self._writer.close()
+                except Exception as exc:
+                    self._warn_once("tensorboard", f"gradscope could not close TensorBoard logs: {exc!r}")
+                self._writer = None
+
+    def __enter__(self) -> Scope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"Scope({type(self.model).__name__}, step={self._step}, every={self.every}, {state})"
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+    every: int = DEFAULT_EVERY,
+    console: Any = False,
+    thresholds: Thresholds | None = None,
+    **options: Any,
+) -> Scope:
+    """Attach gradscope to ``model``; see ../shared/CONTRACT.md. Extra options: histograms, history."""
+    return Scope(model, optimizer, log_dir, every, console, thresholds, **options)

@@ -1,0 +1,331 @@
+"""Per-step, on-device accumulation of statistics, and the one packed transfer that ends a collected step.
+
+Hooks call ``add_*`` with live tensors; each call reduces to a few numbers that stay on the device. At
+the end of a collected step :meth:`StepCollector.flush` concatenates every accumulator into one buffer
+laid out as ``[sum-type slots | max-type slots]``, moves it to the host once, and unpacks it into a
+:class:`~gradscope.stats.records.StepRecord`. The two halves are what a distributed run combines with a
+SUM and a MAX all-reduce respectively.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import reductions as R
+from .records import ActivationStats, GradStats, NormStats, ParamStats, StepRecord
+
+
+@dataclass
+class _Acc:
+    """Running sums and maxes of one (kind, layer) on the device, plus host-side counts."""
+
+    sums: torch.Tensor
+    maxes: torch.Tensor
+    numel: int = 0
+    calls: int = 1
+    units: torch.Tensor | None = None  # per-unit absmax (activations of relu-like modules)
+    units_ok: bool = True  # False once two calls disagreed on the unit count
+    sample: torch.Tensor | None = None
+    order: int = 0  # backward firing order (gradients); forward call order is kept by the scope
+    meta: dict[str, float] = field(default_factory=dict)
+
+    def add(self, sums: torch.Tensor, maxes: torch.Tensor) -> None:
+        self.sums.add_(sums)
+        torch.maximum(self.maxes, maxes, out=self.maxes)
+        self.calls += 1
+
+
+@dataclass
+class ParamBatch:
+    """Parameter statistics of one step, as device vectors aligned with ``names``."""
+
+    names: list[str]  # every trainable parameter
+    grad_names: list[str]  # those that have a gradient this step
+    grad_sq: torch.Tensor  # (len(grad_names),) squared grad norm; NaN/Inf if the grad held any
+    has_grad: list[bool]  # aligned with names
+    weight_sq: torch.Tensor  # (len(names),)
+    update_names: list[str] = field(default_factory=list)
+    update_sq: list[torch.Tensor] = field(default_factory=list)  # one (Q_i,) vector per optimizer step
+
+
+class StepCollector:
+    """Accumulates one step's statistics; ``flush()`` turns them into a host-side StepRecord."""
+
+    def __init__(self) -> None:
+        self.acts: dict[str, _Acc] = {}
+        self.grads: dict[str, _Acc] = {}
+        self.norms: dict[str, _Acc] = {}
+        self.eval_norms: dict[str, _Acc] = {}
+        self.params: ParamBatch | None = None
+        self._grad_order = 0
+
+    def reset(self) -> None:
+        self.acts.clear()
+        self.grads.clear()
+        self.norms.clear()
+        self.params = None
+        self._grad_order = 0
+
+    # --- forward ----------------------------------------------------------------------------------
+    def add_activation(
+        self,
+        layer: str,
+        x: torch.Tensor,
+        *,
+        band: tuple[float, float] | None,
+        count_neg: bool,
+        unit_dim: int | None,
+        sample: bool,
+    ) -> None:
+        sums, maxes = R.activation_stats(x, band=band, count_neg=count_neg)
+        acc = self.acts.get(layer)
+        if acc is None:
+            acc = self.acts[layer] = _Acc(sums=sums, maxes=maxes, numel=x.numel())
+            if band is not None:
+                acc.meta["band"] = 1.0
+            if unit_dim is not None:
+                acc.units = R.unit_absmax(x, unit_dim)
+            if sample:
+                acc.sample = R.strided_sample(x)
+            return
+        acc.add(sums, maxes)
+        acc.numel += x.numel()
+        if acc.units is not None and unit_dim is not None:
+            units = R.unit_absmax(x, unit_dim)
+            if units.shape == acc.units.shape:
+                torch.maximum(acc.units, units, out=acc.units)
+            else:  # a shared module applied to tensors of different widths: no per-unit view
+                acc.units, acc.units_ok = None, False
+
+    def add_norm_input(self, layer: str, module: torch.nn.Module, x: torch.Tensor, *, training: bool) -> None:
+        """A normalization layer's input against its running statistics, before this batch updates them."""
+        target = self.norms if training else self.eval_norms
+        xf = x.detach()
+        if xf.dtype != torch.float32:
+            xf = xf.float()
+        flat = xf.reshape(-1)
+        sumsq = torch.dot(flat, flat)
+        rm = getattr(module, "running_mean", None)
+        rv = getattr(module, "running_var", None)
+        eps = float(getattr(module, "eps", 1e-5))
+        has_running = isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and xf.dim() >= 2
+        sums_l, maxes_l = [sumsq], []
+        if has_running:
+            mean, var = R.channel_stats(xf)
+            rvf, rmf = rv.detach().float(), rm.detach().float()
+            gap = (mean - rmf).abs() / torch.sqrt(rvf + eps)  # (C,)
+            lvr = torch.log((var + eps) / (rvf + eps)).abs()  # (C,)
+            sums_l += [gap.mean(), lvr.mean()]
+            maxes_l += [gap.max(), lvr.max(), -rvf.min()]
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        has_w = isinstance(weight, torch.Tensor)
+        has_b = isinstance(bias, torch.Tensor)
+        if has_w:
+            maxes_l.append(weight.detach().float().square().mean().sqrt())
+        if has_b:
+            maxes_l.append(bias.detach().float().square().mean().sqrt())
+        sums = torch.stack(sums_l)
+        maxes = torch.stack(maxes_l) if maxes_l else sums.new_empty(0)
+        acc = target.get(layer)
+        if acc is None:
+            acc = target[layer] = _Acc(sums=sums, maxes=maxes, numel=x.numel())
+            acc.meta.update(running=float(has_running), weight=float(has_w), bias=float(has_b))
+        else:
+            acc.add(sums, maxes)
+            acc.numel += x.numel()
+
+    # --- backward ---------------------------------------------------------------------------------
+    def add_grad(self, layer: str, g: torch.Tensor, *, sample: bool) -> None:
+        sums, maxes = R.grad_stats(g)
+        acc = self.grads.get(layer)
+        if acc is None:
+            acc = self.grads[layer] = _Acc(sums=sums, maxes=maxes, numel=g.numel(), order=self._grad_order)
+            self._grad_order += 1
+            if sample:
+                acc.sample = R.strided_sample(g)
+        else:
+            acc.add(sums, maxes)
+            acc.numel += g.numel()
+
+    def flush_eval(self) -> dict[str, NormStats]:
+        """Evaluation-forward norm statistics gathered since the last collected step (report time)."""
+        if not self.eval_norms:
+            return {}
+        pieces_sum = [a.sums.reshape(-1) for a in self.eval_norms.values()]
+        pieces_max = [a.maxes.reshape(-1) for a in self.eval_norms.values()]
+        host = _to_host(pieces_sum + pieces_max)
+        out: dict[str, NormStats] = {}
+        s_off, m_off = 0, sum(t.numel() for t in pieces_sum)
+        for (name, acc), s, m in zip(self.eval_norms.items(), pieces_sum, pieces_max, strict=True):
+            views = {
+                ("eval_norm", name, "sum"): host[s_off : s_off + s.numel()],
+                ("eval_norm", name, "max"): host[m_off : m_off + m.numel()],
+            }
+            s_off, m_off = s_off + s.numel(), m_off + m.numel()
+            out[name] = _norm(acc, views, "eval_norm", name, False)
+        self.eval_norms.clear()
+        return out
+
+    # --- the packed transfer ----------------------------------------------------------------------
+    def flush(
+        self,
+        step: int,
+        *,
+        losses: list[tuple[int, torch.Tensor | float]] | None = None,
+        lrs: list[float] | None = None,
+        param_lr: dict[str, float] | None = None,
+    ) -> tuple[StepRecord, list[tuple[int, float]]]:
+        """One device-to-host transfer for everything this step gathered; returns the record and losses."""
+        pieces_sum: list[torch.Tensor] = []
+        pieces_max: list[torch.Tensor] = []
+        layout: list[tuple[str, str, str, int]] = []  # (group, key, half, size)
+
+        def put(group: str, key: str, half: str, t: torch.Tensor | None) -> None:
+            if t is None:
+                return
+            t = t.reshape(-1)
+            (pieces_sum if half == "sum" else pieces_max).append(t)
+            layout.append((group, key, half, t.numel()))
+
+        for name, acc in self.acts.items():
+            put("act", name, "sum", acc.sums)
+            put("act", name, "max", acc.maxes)
+            put("act_units", name, "max", acc.units)
+            put("act_sample", name, "max", acc.sample)
+        for name, acc in self.grads.items():
+            put("grad", name, "sum", acc.sums)
+            put("grad", name, "max", acc.maxes)
+            put("grad_sample", name, "max", acc.sample)
+        for group, accs in (("norm", self.norms), ("eval_norm", self.eval_norms)):
+            for name, acc in accs.items():
+                put(group, name, "sum", acc.sums)
+                put(group, name, "max", acc.maxes)
+        p = self.params
+        if p is not None:
+            # Replicated parameters: identical on every rank, so they travel in the max half.
+            put("param", "grad_sq", "max", p.grad_sq)
+            put("param", "weight_sq", "max", p.weight_sq)
+            if p.update_sq:
+                put("param", "update_sq", "max", torch.cat([u.reshape(-1) for u in p.update_sq]))
+        loss_tensors = [(s, v) for s, v in (losses or []) if isinstance(v, torch.Tensor)]
+        if loss_tensors:
+            put("loss", "values", "sum", torch.stack([v.detach().float().reshape(()) for _, v in loss_tensors]))
+
+        host = _to_host(pieces_sum + pieces_max)
+        sum_len = sum(t.numel() for t in pieces_sum)
+        cursor = {"sum": 0, "max": sum_len}
+        views: dict[tuple[str, str, str], np.ndarray] = {}
+        for group, key, half, size in layout:
+            start = cursor[half]
+            views[(group, key, half)] = host[start : start + size]
+            cursor[half] = start + size
+
+        record = StepRecord(step=step, lrs=list(lrs or []))
+        for name, acc in self.acts.items():
+            record.activations[name] = _activation(acc, views, name)
+        for name, acc in self.grads.items():
+            s, m = views[("grad", name, "sum")], views[("grad", name, "max")]
+            sample = views.get(("grad_sample", name, "max"))
+            nan = int(s[2])
+            record.gradients[name] = GradStats(
+                norm=math.sqrt(max(float(s[0]), 0.0)) if math.isfinite(s[0]) else float(s[0]),
+                absmax=float(m[0]),
+                nan=nan,
+                inf=int(s[1]) - nan,
+                order=acc.order,
+                sample=None if sample is None else sample.copy(),
+            )
+        for group, accs, target, training in (
+            ("norm", self.norms, record.norms, True),
+            ("eval_norm", self.eval_norms, record.eval_norms, False),
+        ):
+            for name, acc in accs.items():
+                target[name] = _norm(acc, views, group, name, training)
+        if p is not None:
+            _params(record, p, views, param_lr or {})
+        loss_values: list[tuple[int, float]] = []
+        if losses:
+            tensor_vals = iter(views[("loss", "values", "sum")].tolist()) if loss_tensors else iter(())
+            for s, v in losses:
+                loss_values.append((s, float(next(tensor_vals)) if isinstance(v, torch.Tensor) else float(v)))
+        self.eval_norms.clear()
+        return record, loss_values
+
+
+def _to_host(pieces: list[torch.Tensor]) -> np.ndarray:
+    if not pieces:
+        return np.zeros(0, dtype=np.float32)
+    device = pieces[0].device
+    flat = [t.detach().to(device=device, dtype=torch.float32, non_blocking=True) for t in pieces]
+    return torch.cat(flat).cpu().numpy()  # the one transfer (a single sync) of a collected step
+
+
+def _activation(acc: _Acc, views: dict, name: str) -> ActivationStats:
+    s = dict(zip(R.ACT_SUM_SLOTS, views[("act", name, "sum")].tolist(), strict=True))
+    m = dict(zip(R.ACT_MAX_SLOTS, views[("act", name, "max")].tolist(), strict=True))
+    n = max(acc.numel, 1)
+    mean = s["sum"] / n
+    ms = s["sumsq"] / n
+    units = views.get(("act_units", name, "max"))
+    sample = views.get(("act_sample", name, "max"))
+    nan = int(s["nan"])
+    return ActivationStats(
+        numel=acc.numel,
+        mean=mean,
+        std=math.sqrt(max(ms - mean * mean, 0.0)) if math.isfinite(ms) else ms,
+        rms=math.sqrt(ms) if math.isfinite(ms) and ms >= 0 else ms,
+        absmax=m["absmax"],
+        zero_frac=s["zeros"] / n,
+        neg_frac=s["neg"] / n,
+        nan=nan,
+        inf=int(s["nonfinite"]) - nan,
+        saturated_frac=s["saturated"] / n if acc.meta.get("band") else None,
+        calls=acc.calls,
+        alive=None if units is None else units > 0,
+        sample=None if sample is None else sample.copy(),
+    )
+
+
+def _norm(acc: _Acc, views: dict, group: str, name: str, training: bool) -> NormStats:
+    s, m = views[(group, name, "sum")], views[(group, name, "max")]
+    n = max(acc.numel, 1)
+    stats = NormStats(training=training, input_rms=math.sqrt(max(float(s[0]) / n, 0.0)), calls=acc.calls)
+    rest = list(m)
+    if acc.meta.get("running"):
+        stats.mean_gap_mean = float(s[1]) / acc.calls
+        stats.log_var_ratio_mean = float(s[2]) / acc.calls
+        stats.mean_gap_max, stats.log_var_ratio_max = float(rest[0]), float(rest[1])
+        stats.running_var_min = -float(rest[2])
+        rest = rest[3:]
+    if acc.meta.get("weight"):
+        stats.weight_rms, rest = float(rest[0]), rest[1:]
+    if acc.meta.get("bias"):
+        stats.bias_rms = float(rest[0])
+    return stats
+
+
+def _sqrt(x: float) -> float:
+    return math.sqrt(x) if x >= 0 else x  # NaN/Inf pass through
+
+
+def _params(record: StepRecord, p: ParamBatch, views: dict, param_lr: dict[str, float]) -> None:
+    grads = dict(zip(p.grad_names, views[("param", "grad_sq", "max")].tolist(), strict=True))
+    wsq = views[("param", "weight_sq", "max")].tolist()
+    for name, w in zip(p.names, wsq, strict=True):
+        g = grads.get(name)
+        record.params[name] = ParamStats(
+            grad_norm=None if g is None else _sqrt(g),
+            weight_norm=_sqrt(w),
+            grad_nonfinite=g is not None and not math.isfinite(g),
+            weight_nonfinite=not math.isfinite(w),
+            lr=param_lr.get(name),
+        )
+    if p.update_sq:
+        usq = views[("param", "update_sq", "max")].tolist()
+        for name, u in zip(p.update_names, usq, strict=True):
+            if name in record.params:
+                record.params[name].update_norm = _sqrt(u)

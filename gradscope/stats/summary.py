@@ -1,0 +1,80 @@
+"""Per-layer and run-level summaries of the history: what reporters show beside the findings.
+
+These are descriptive numbers (medians over the recent window), not judgements: analyzers judge.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+from typing import Any
+
+import numpy as np
+
+from .history import History
+
+#: Collected steps the summary looks back over.
+SUMMARY_WINDOW = 10
+
+
+def _med(values: list[float]) -> float | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return float(median(vals)) if vals else None
+
+
+def _root_sum_sq(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return math.sqrt(sum(v * v for v in vals)) if vals else None
+
+
+def layer_summary(history: History, window: int = SUMMARY_WINDOW) -> dict[str, dict[str, Any]]:
+    """One dict per layer that produced statistics, in model order (see Report.layers)."""
+    recent = list(history.records)[-window:]
+    order = history.layer_order()
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(history.layers, key=lambda n: order.get(n, 1 << 30)):
+        info = history.layers[name]
+        acts = [r.activations[name] for r in recent if name in r.activations]
+        grads = [r.gradients[name] for r in recent if name in r.gradients]
+        pstats = [[r.params[p] for p in info.params if p in r.params] for r in recent]
+        pstats = [ps for ps in pstats if ps]
+        if not acts and not grads and not pstats:
+            continue
+        entry: dict[str, Any] = {"type": info.type, "role": info.role, "order": order.get(name, -1)}
+        entry["grad_norm"] = _med([g.norm for g in grads])
+        entry["act_rms"] = _med([a.rms for a in acts])
+        sat = [a.saturated_frac for a in acts if a.saturated_frac is not None]
+        entry["saturated_frac"] = _med(sat)
+        masks = [a.alive for a in acts if a.alive is not None]
+        if masks and all(m.shape == masks[-1].shape for m in masks):
+            alive = np.logical_or.reduce(masks)
+            entry["dead_frac"] = float(1.0 - alive.mean())
+        else:
+            entry["dead_frac"] = None
+        if pstats:
+            entry["param_grad_norm"] = _med([_root_sum_sq([p.grad_norm for p in ps]) for ps in pstats])
+            entry["weight_norm"] = _med([_root_sum_sq([p.weight_norm for p in ps]) for ps in pstats])
+            ratios = []
+            for ps in pstats:
+                upd = _root_sum_sq([p.update_norm for p in ps])
+                wn = _root_sum_sq([p.weight_norm for p in ps])
+                if upd is not None and wn:
+                    ratios.append(upd / wn)
+            entry["update_ratio"] = _med(ratios)
+            entry["lr"] = next((p.lr for p in pstats[-1] if p.lr is not None), None)
+        out[name] = entry
+    return out
+
+
+def run_summary(history: History) -> dict[str, Any]:
+    """Run-level context: steps, the loss at start and end, the learning rates of the last collected step."""
+    losses = list(history.losses)
+    last = history.last
+    return {
+        "steps": history.steps_seen,
+        "collected": len(history.records),
+        "loss_first": losses[0][1] if losses else None,
+        "loss_last": losses[-1][1] if losses else None,
+        "lrs": list(last.lrs) if last is not None else [],
+        "skipped_steps": history.skipped_total,
+    }
