@@ -29,6 +29,14 @@ class Thresholds:
     exploding_growth: float = 1e3
     #: Share of collected steps over which a symptom must hold to be "sustained".
     sustained_fraction: float = 0.6
+    #: Depth rule: below this fraction of the later layers' relative gradient it is critical, not a warning.
+    vanishing_depth_critical: float = 1e-6
+    #: A layer "is not moving" when its relative update is below this fraction of the fastest later layer's.
+    vanishing_update_gap: float = 1e-2
+    #: A layer's relative gradient this many times the later layers' median (sustained) is exploding.
+    exploding_depth_ratio: float = 1e4
+    #: The loss "is improving" when its late mean is below its early mean by at least this fraction.
+    loss_plateau: float = 0.05
 
     # --- activations -----------------------------------------------------------------------------
     #: Share of a layer's units dead over the window: warning at/above, critical at/above.
@@ -37,6 +45,10 @@ class Thresholds:
     #: Share of outputs in the flat tails of a saturating function: warning at/above.
     saturation_warning: float = 0.5
     saturation_critical: float = 0.9
+    #: Recent collected steps over which dead units (never non-zero) and saturation are judged.
+    activation_window: int = 20
+    #: Samples per unit that must be seen over that window before a unit can be called dead.
+    dead_min_samples: int = 32
 
     # --- normalization ---------------------------------------------------------------------------
     #: |batch mean - running mean| / running std above this is drift.
@@ -50,6 +62,8 @@ class Thresholds:
     norm_gain_explode: float = 1e3
     #: Norm-layer input RMS growing by more than this factor over training.
     norm_input_growth: float = 1e3
+    #: Training steps before running statistics are judged: BatchNorm's running stats lag early by design.
+    norm_warmup_steps: int = 30
 
     # --- optimizer -------------------------------------------------------------------------------
     #: ||dw|| / ||w|| per step: above is too large (warning / critical), below is too small.
