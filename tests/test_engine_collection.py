@@ -57,13 +57,23 @@ def test_activation_stats_match_numpy_reference():
     assert a0.nan == 0 and a0.inf == 0 and a0.numel == 32 * 64
 
 
-def test_nan_and_inf_are_counted():
+@pytest.mark.parametrize(
+    ("nans", "infs", "expected"),
+    [
+        (1, 0, (1, 0)),
+        (0, 4, (0, 4)),
+        # both present: min/max propagate NaN, so every non-finite value is counted as NaN
+        (1, 4, (5, 0)),
+    ],
+)
+def test_nan_and_inf_are_counted(nans, infs, expected):
     class Poison(nn.Module):
         def forward(self, x):
             x = x.clone()
-            x[0, 0] = float("nan")
-            x[1, :3] = float("inf")
-            x[2, 0] = -float("inf")
+            x[0, :nans] = float("nan")
+            if infs:
+                x[1, : infs - 1] = float("inf")
+                x[2, 0] = -float("inf")
             return x
 
     model = nn.Sequential(nn.Linear(4, 8), Poison())
@@ -71,7 +81,9 @@ def test_nan_and_inf_are_counted():
         model(torch.randn(5, 4)).sum().backward()
         scope.step()
     a = scope.history.last.activations["1"]
-    assert (a.nan, a.inf) == (1, 4)
+    assert (a.nan, a.inf) == expected
+    assert a.nonfinite == nans + infs
+    assert scope.history.last.activations["0"].nonfinite == 0
     assert scope.history.first_nonfinite.layer == "1"
 
 

@@ -85,17 +85,16 @@ class StepCollector:
         acc = self.acts.get(layer)
         if acc is None:
             acc = self.acts[layer] = _Acc(sums=sums, maxes=maxes, numel=x.numel())
-            if band is not None:
-                acc.meta["band"] = 1.0
+            acc.meta.update(band=float(band is not None), neg=float(count_neg))
             if unit_dim is not None:
-                acc.units = R.unit_absmax(x, unit_dim)
+                acc.units = R.unit_absmax(x, unit_dim, nonnegative=not count_neg)
             if sample:
                 acc.sample = R.strided_sample(x)
             return
         acc.add(sums, maxes)
         acc.numel += x.numel()
         if acc.units is not None and unit_dim is not None:
-            units = R.unit_absmax(x, unit_dim)
+            units = R.unit_absmax(x, unit_dim, nonnegative=not count_neg)
             if units.shape == acc.units.shape:
                 torch.maximum(acc.units, units, out=acc.units)
             else:  # a shared module applied to tensors of different widths: no per-unit view
@@ -230,12 +229,12 @@ class StepCollector:
         for name, acc in self.grads.items():
             s, m = views[("grad", name, "sum")], views[("grad", name, "max")]
             sample = views.get(("grad_sample", name, "max"))
-            nan = int(s[2])
+            nan, inf = _split_nonfinite(int(s[1]), float(m[0]), float(m[1]))
             record.gradients[name] = GradStats(
-                norm=math.sqrt(max(float(s[0]), 0.0)) if math.isfinite(s[0]) else float(s[0]),
-                absmax=float(m[0]),
+                norm=_sqrt(float(s[0])),
+                absmax=_absmax(float(m[0]), float(m[1])),
                 nan=nan,
-                inf=int(s[1]) - nan,
+                inf=inf,
                 order=acc.order,
                 sample=None if sample is None else sample.copy(),
             )
@@ -260,30 +259,48 @@ def _to_host(pieces: list[torch.Tensor]) -> np.ndarray:
     if not pieces:
         return np.zeros(0, dtype=np.float32)
     device = pieces[0].device
-    flat = [t.detach().to(device=device, dtype=torch.float32, non_blocking=True) for t in pieces]
+    flat = [
+        t if t.device == device and t.dtype == torch.float32 else t.to(device, torch.float32, non_blocking=True)
+        for t in pieces
+    ]
     return torch.cat(flat).cpu().numpy()  # the one transfer (a single sync) of a collected step
 
 
+def _absmax(hi: float, neg_lo: float) -> float:
+    return max(abs(hi), abs(neg_lo))
+
+
+def _split_nonfinite(count: int, hi: float, neg_lo: float) -> tuple[int, int]:
+    """(NaN, Inf) counts from the non-finite count. min/max propagate NaN, so finite-or-infinite extremes
+    mean every non-finite value is an Inf; NaN extremes mean NaN is present (counted as NaN, Inf or not)."""
+    if count == 0:
+        return 0, 0
+    if math.isnan(hi) or math.isnan(neg_lo):
+        return count, 0
+    return 0, count
+
+
 def _activation(acc: _Acc, views: dict, name: str) -> ActivationStats:
-    s = dict(zip(R.ACT_SUM_SLOTS, views[("act", name, "sum")].tolist(), strict=True))
+    slots = R.act_sum_slots(count_neg=bool(acc.meta["neg"]), band=bool(acc.meta["band"]))
+    s = dict(zip(slots, views[("act", name, "sum")].tolist(), strict=True))
     m = dict(zip(R.ACT_MAX_SLOTS, views[("act", name, "max")].tolist(), strict=True))
     n = max(acc.numel, 1)
     mean = s["sum"] / n
     ms = s["sumsq"] / n
     units = views.get(("act_units", name, "max"))
     sample = views.get(("act_sample", name, "max"))
-    nan = int(s["nan"])
+    nan, inf = _split_nonfinite(int(s["nonfinite"]), m["max"], m["neg_min"])
     return ActivationStats(
         numel=acc.numel,
         mean=mean,
         std=math.sqrt(max(ms - mean * mean, 0.0)) if math.isfinite(ms) else ms,
-        rms=math.sqrt(ms) if math.isfinite(ms) and ms >= 0 else ms,
-        absmax=m["absmax"],
-        zero_frac=s["zeros"] / n,
-        neg_frac=s["neg"] / n,
+        rms=_sqrt(ms),
+        absmax=_absmax(m["max"], m["neg_min"]),
+        zero_frac=(acc.numel - s["nonzero"]) / n,
+        neg_frac=s.get("neg", 0.0) / n,
         nan=nan,
-        inf=int(s["nonfinite"]) - nan,
-        saturated_frac=s["saturated"] / n if acc.meta.get("band") else None,
+        inf=inf,
+        saturated_frac=s["saturated"] / n if "saturated" in s else None,
         calls=acc.calls,
         alive=None if units is None else units > 0,
         sample=None if sample is None else sample.copy(),

@@ -48,8 +48,10 @@ class ActivationStats:
     absmax: float
     zero_frac: float  # share of elements exactly zero
     neg_frac: float  # share of elements < 0
-    nan: int  # NaN count
-    inf: int  # +/-Inf count
+    # Non-finite counts. The total is exact; when NaN and Inf are both present all are counted as NaN
+    # (telling them apart would cost a pass per output on every collected step).
+    nan: int
+    inf: int
     saturated_frac: float | None = None  # only for modules with a saturation band
     calls: int = 1
     # Per unit (dim 1 for conv-shaped outputs, last dim otherwise): True if the unit was non-zero for

@@ -3,19 +3,44 @@
 Each function returns small fp32 tensors; the collector accumulates them per step and packs them for
 one transfer. The slot layout of each vector is named by the ``*_SLOTS`` tuples, which the unpacking
 side (collector.py) uses, so the two can never disagree about positions.
+
+On small tensors the cost of a reduction is the dispatch of each op, not the pass over memory, so these
+functions are written for the fewest ops: every statistic that can be derived on the host is (element
+counts, the zero count from the non-zero count, absmax from min and max).
 """
 
 from __future__ import annotations
 
 import torch
 
-# Additive slots of an activation vector (summed over calls and, later, over DDP ranks).
-ACT_SUM_SLOTS = ("sum", "sumsq", "zeros", "neg", "nonfinite", "nan", "saturated")
-# Max-type slots (combined with max).
-ACT_MAX_SLOTS = ("absmax",)
+# Additive slots of an activation vector (summed over calls and, later, over DDP ranks). "neg" is present
+# only when counted, "saturated" only for modules with a saturation band: see act_sum_slots().
+ACT_SUM_SLOTS = ("sum", "sumsq", "nonzero", "nonfinite", "neg", "saturated")
+# Max-type slots (combined with max): the largest value and the negated smallest one.
+ACT_MAX_SLOTS = ("max", "neg_min")
 
-GRAD_SUM_SLOTS = ("sumsq", "nonfinite", "nan")
-GRAD_MAX_SLOTS = ("absmax",)
+GRAD_SUM_SLOTS = ("sumsq", "nonfinite")
+GRAD_MAX_SLOTS = ("max", "neg_min")
+
+
+def act_sum_slots(*, count_neg: bool, band: bool) -> tuple[str, ...]:
+    """The sum slots an activation vector carries for a module of this kind, in order."""
+    return ACT_SUM_SLOTS[:4] + (("neg",) if count_neg else ()) + (("saturated",) if band else ())
+
+
+def _nonfinite_count(flat: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
+    """How many elements are NaN/Inf. A finite sum of squares proves there are none; on the CPU reading
+    it costs nothing (there is no device to wait for), so the counting pass runs only when needed. On an
+    accelerator, branching on it would be a host-device sync, so the count is always taken there."""
+    if flat.device.type == "cpu" and bool(torch.isfinite(sumsq)):
+        return sumsq.new_zeros(())
+    # x - x is 0 for finite values and NaN for NaN/Inf: one pass counts every non-finite element.
+    return torch.count_nonzero(flat - flat).float()
+
+
+def _flat32(x: torch.Tensor) -> torch.Tensor:
+    flat = x.detach().reshape(-1)
+    return flat if flat.dtype == torch.float32 else flat.float()  # bf16/fp16 statistics in fp32
 
 
 def activation_stats(
@@ -24,64 +49,39 @@ def activation_stats(
     band: tuple[float, float] | None,
     count_neg: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moments of one output tensor: (sums (len(ACT_SUM_SLOTS),), maxes (len(ACT_MAX_SLOTS),)).
-
-    The element count is known on the host and kept there. Written for few passes over memory.
-    """
-    flat = x.detach().reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.float()  # bf16/fp16 statistics are computed in fp32
-    n = flat.numel()
-    total = flat.sum()
-    sumsq = torch.dot(flat, flat)
+    """Moments of one output tensor: (sums (act_sum_slots(...),), maxes (ACT_MAX_SLOTS,))."""
+    flat = _flat32(x)
     lo, hi = torch.aminmax(flat)
-    nonzero = torch.count_nonzero(flat)  # NaN counts as non-zero, as it should
-    zeros = n - nonzero
-    # x - x is 0 for finite values and NaN for NaN/Inf: one pass counts every non-finite element.
-    nonfinite = torch.count_nonzero(flat - flat)
-    nan = torch.count_nonzero(flat != flat)  # NaN is the only value unequal to itself
-    # sum(sign) = pos - neg and pos + neg = nonzero - nonfinite (nansum skips NaN; ±Inf have a sign, so
-    # they are counted once in each and cancel). Relu-like outputs are never negative: a device zero.
-    neg = (nonzero - nonfinite - torch.sign(flat).nansum()) / 2 if count_neg else nonzero * 0
+    sumsq = torch.dot(flat, flat)
+    counts = [torch.count_nonzero(flat)]  # NaN counts as non-zero, as it should
+    if count_neg:  # relu-like outputs are never negative: not counted
+        counts.append(torch.count_nonzero(flat < 0))
     if band is not None:
         low, high = band
-        saturated = torch.count_nonzero((flat <= low) | (flat >= high))
-    else:
-        saturated = nonzero * 0
-    sums = torch.stack(
-        [
-            total,
-            sumsq,
-            zeros.float(),
-            neg.float(),
-            nonfinite.float(),
-            nan.float(),
-            saturated.float(),
-        ]
-    )
-    maxes = torch.maximum(lo.abs(), hi.abs()).reshape(1)
-    return sums, maxes
+        counts.append(torch.count_nonzero((flat <= low) | (flat >= high)))
+    nonfinite = _nonfinite_count(flat, sumsq)
+    counts_t = torch.stack(counts).float()
+    # slot order: sum, sumsq, nonzero, nonfinite, [neg], [saturated]
+    sums = torch.cat([torch.stack([flat.sum(), sumsq, counts_t[0], nonfinite]), counts_t[1:]])
+    return sums, torch.stack([hi, -lo])
 
 
-def unit_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+def unit_absmax(x: torch.Tensor, dim: int, nonnegative: bool = False) -> torch.Tensor:
     """Per-unit largest |value| over every other axis: > 0 means the unit was non-zero for some sample."""
     x = x.detach()
     dims = [d for d in range(x.dim()) if d != dim]
-    return x.abs().amax(dim=dims).float()  # (units,)
+    if not nonnegative:
+        x = x.abs()
+    out = x.amax(dim=dims)  # (units,)
+    return out if out.dtype == torch.float32 else out.float()
 
 
 def grad_stats(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient moments: (sums (len(GRAD_SUM_SLOTS),), maxes (len(GRAD_MAX_SLOTS),))."""
-    flat = g.detach().reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.float()
-    sumsq = torch.dot(flat, flat)
+    flat = _flat32(g)
     lo, hi = torch.aminmax(flat)
-    nonfinite = torch.count_nonzero(flat - flat)
-    nan = torch.count_nonzero(flat != flat)
-    sums = torch.stack([sumsq, nonfinite.float(), nan.float()])
-    maxes = torch.maximum(lo.abs(), hi.abs()).reshape(1)
-    return sums, maxes
+    sumsq = torch.dot(flat, flat)
+    return torch.stack([sumsq, _nonfinite_count(flat, sumsq)]), torch.stack([hi, -lo])
 
 
 def strided_sample(x: torch.Tensor, k: int = 1024) -> torch.Tensor:

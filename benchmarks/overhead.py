@@ -1,0 +1,236 @@
+"""Overhead of gradscope on real training steps: plain vs watched, side by side in one run.
+
+Each (model, mode) measurement runs in its own process; rounds interleave the modes so that drift of
+the machine (thermal, other load) hits all of them alike. The ratio to plain is computed per round from
+the mean step time over the same number of steps, then the median over rounds is reported.
+
+    python benchmarks/overhead.py                 # all models, CPU
+    python benchmarks/overhead.py --device cuda   # the same on a GPU (also counts host-device syncs)
+    python benchmarks/overhead.py --models mlp --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+MODES = ("plain", "every1", "default")
+
+
+# --- models -----------------------------------------------------------------------------------------
+def mlp() -> tuple[nn.Module, callable]:
+    layers: list[nn.Module] = [nn.Linear(512, 512)]
+    for _ in range(7):
+        layers += [nn.ReLU(), nn.Linear(512, 512)]
+    model = nn.Sequential(*layers, nn.ReLU())
+
+    def batch(device):
+        return torch.randn(128, 512, device=device), torch.randn(128, 512, device=device)
+
+    return model, batch
+
+
+def cnn() -> tuple[nn.Module, callable]:
+    blocks: list[nn.Module] = []
+    cin = 3
+    for cout in (32, 64, 64, 128):
+        blocks += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        cin = cout
+    model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
+
+    def batch(device):
+        return torch.randn(32, 3, 32, 32, device=device), torch.randn(32, 10, device=device)
+
+    return model, batch
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int = 256, d: int = 256, heads: int = 4, layers: int = 4, seq: int = 128) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        mask = torch.triu(torch.full((t, t), float("-inf"), device=idx.device), 1)
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(self.ln(x))
+
+
+def gpt() -> tuple[nn.Module, callable]:
+    model = GPT()
+
+    def batch(device):
+        idx = torch.randint(0, 256, (8, 128), device=device)
+        return idx, torch.randint(0, 256, (8, 128), device=device)
+
+    return model, batch
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
+
+
+# --- one measurement, in its own process ---------------------------------------------------------------
+def worker(model_name: str, mode: str, steps: int, warmup: int, device: str, seed: int) -> dict:
+    import gradscope
+
+    torch.manual_seed(seed)
+    model, make_batch = MODELS[model_name]()
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = [make_batch(device) for _ in range(4)]  # made before timing: not part of a step
+    if model_name == "gpt":
+        loss_fn = lambda out, y: nn.functional.cross_entropy(out.flatten(0, 1), y.flatten())  # noqa: E731
+    else:
+        loss_fn = lambda out, y: nn.functional.mse_loss(out, y)  # noqa: E731
+    scope = None
+    if mode == "every1":
+        scope = gradscope.watch(model, optimizer=opt, every=1)
+    elif mode == "default":
+        scope = gradscope.watch(model, optimizer=opt)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def one(i: int) -> None:
+        x, y = batches[i % len(batches)]
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if scope is not None:
+            scope.step(loss)
+
+    for i in range(warmup):
+        one(i)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    syncs_ok = None
+    for i in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        if device.startswith("cuda") and scope is not None and not scope._collecting:
+            # Non-collected steps must not synchronise the host with the device at all.
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                one(i)
+                syncs_ok = True if syncs_ok is None else syncs_ok
+            except RuntimeError:
+                syncs_ok = False
+                raise
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        else:
+            one(i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    if scope is not None:
+        scope.report()
+        scope.close()
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
+    return {"times": times, "peak_mib": peak, "syncs_ok": syncs_ok}
+
+
+def measure(model_name: str, mode: str, args: argparse.Namespace, seed: int) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", model_name, mode,
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--seed", str(seed),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mlp,cnn,gpt")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per process (a multiple of 10)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.steps, args.warmup, args.device, args.seed)))
+        return
+
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"{args.rounds} rounds x {args.steps} steps, modes run interleaved, one process each")  # fmt: skip
+    rows = []
+    for model_name in args.models.split(","):
+        per_mode: dict[str, list[dict]] = {m: [] for m in MODES}
+        for r in range(args.rounds):
+            order = MODES[r % 3 :] + MODES[: r % 3]  # rotate who goes first
+            for mode in order:
+                per_mode[mode].append(measure(model_name, mode, args, args.seed + r))
+        plain = per_mode["plain"]
+        row = {"model": model_name}
+        for mode in MODES:
+            runs = per_mode[mode]
+            row[f"{mode}_ms"] = statistics.median(statistics.median(x["times"]) * 1e3 for x in runs)
+            row[f"{mode}_mean_ms"] = statistics.median(statistics.fmean(x["times"]) * 1e3 for x in runs)
+            ratios = [statistics.fmean(x["times"]) / statistics.fmean(p["times"]) for x, p in zip(runs, plain)]
+            row[f"{mode}_ratio"] = statistics.median(ratios)
+            row[f"{mode}_ratios"] = ratios
+            row[f"{mode}_peak"] = statistics.median(x["peak_mib"] for x in runs)
+            row[f"{mode}_syncs_ok"] = [x["syncs_ok"] for x in runs]
+        rows.append(row)
+
+    unit = "MiB (peak CUDA allocated)" if args.device.startswith("cuda") else "MiB (peak RSS)"
+    print()
+    print(f"| model | plain ms/step | every=1 ms/step | ratio every=1 | default ms/step | ratio default "
+          f"| peak plain | peak every=1 | peak default | {unit} |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        p = row["plain_peak"]
+        print(
+            f"| {row['model']} | {row['plain_mean_ms']:.1f} | {row['every1_mean_ms']:.1f} | "
+            f"{row['every1_ratio']:.3f}x | {row['default_mean_ms']:.1f} | {row['default_ratio']:.3f}x | "
+            f"{p:.0f} | {row['every1_peak']:.0f} ({row['every1_peak'] / p:.3f}x) | "
+            f"{row['default_peak']:.0f} ({row['default_peak'] / p:.3f}x) | |"
+        )
+    print()
+    for row in rows:
+        spread = ", ".join(
+            f"{m}: " + " ".join(f"{x:.3f}" for x in row[f"{m}_ratios"]) for m in ("every1", "default")
+        )
+        print(f"{row['model']} per-round ratios: {spread}")
+        if args.device.startswith("cuda"):
+            print(f"{row['model']} no host-device sync on non-collected steps: {row['default_syncs_ok']}")
+    if any(math.isnan(r["every1_ratio"]) for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
