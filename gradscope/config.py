@@ -83,6 +83,21 @@ class Thresholds:
     #: Minimum collected steps before trend rules (growth, sustained) are judged.
     min_steps: int = 3
 
+    # --- checkpoint --------------------------------------------------------------------------------
+    # Weight-only rules of `gradscope inspect` (docs/inspect.md). They also use norm_min_running_var,
+    # norm_gain_collapse, norm_gain_explode and dead_warning above.
+    #: A weight whose RMS is this many times above (or below) the median of its same-shaped siblings.
+    ckpt_outlier_ratio: float = 100.0
+    #: A unit is dead by its bias when -bias exceeds this many times the largest pre-activation that
+    #: inputs of its peers' scale can give (|w|·|x|, with |x| ≥ sqrt(fan_in)).
+    ckpt_dead_bias_margin: float = 10.0
+    #: BatchNorm running_var above this is "huge".
+    ckpt_running_var_huge: float = 1e6
+    #: BatchNorm |running_mean| / sqrt(running_var) above this is far from zero.
+    ckpt_norm_mean_ratio: float = 100.0
+    #: Weights with fewer elements are too small to recognise PyTorch's default initialization in.
+    ckpt_fingerprint_min_numel: int = 1024
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
