@@ -185,6 +185,20 @@ def test_skipped_overflow_steps_are_not_exploding_gradients():
     assert gradients.analyze(h, TH) == []
 
 
+def test_growth_into_nan_is_sustained_and_exact_zero_gradient_is_a_cut():
+    h = make_history({"l0": "linear", "l1": "linear"})
+    for t in range(12):
+        g = 1.0 if t < 8 else (1e4 if t == 8 else math.nan)  # one huge step, then NaN for good
+        h.add(grad_record(t, {"l0": g, "l1": 1.0}, loss=1.0))
+    assert kinds(gradients.analyze(h, TH)) == [("exploding_gradient", "l0", "critical")]
+    z = make_history({"l0": "linear", "l1": "linear"})
+    for t in range(10):
+        z.add(grad_record(t, {"l0": 0.0, "l1": 1e-2}, loss=1.0))
+    found = gradients.analyze(z, TH)
+    assert kinds(found) == [("vanishing_gradient", "l0", "critical")]
+    assert "exactly zero" in found[0].message and "dead_relu" in found[0].hint
+
+
 # --- dead_relu -----------------------------------------------------------------------------------------
 
 
@@ -401,6 +415,18 @@ def test_overflow_then_an_applied_nonfinite_weight_is_critical_there():
     h.add(StepRecord(step=40, params={"a.weight": ParamStats(grad_norm=1.0, weight_norm=math.inf, weight_nonfinite=True)}))
     found = numerics.analyze(h, TH)
     assert kinds(found) == [("nonfinite", "a", "critical")] and found[0].step == 40
+
+
+def test_nan_loss_between_collected_steps_is_dated_by_the_loss():
+    # every=10: the loss went NaN at uncollected step 25; NaN weights were first seen at step 30.
+    h = make_history({"a": "linear", "b": "linear"})
+    h.add(StepRecord(step=20, activations={"a": act([True] * 4)}))
+    h.add(StepRecord(step=30, activations={"a": act([True] * 4, nan=16), "b": act([True] * 4, nan=16)}))
+    for st in range(21, 30):
+        h.add_loss(st, math.nan if st >= 25 else 1.0)  # losses arrive after the record (engine order)
+    found = numerics.analyze(h, TH)
+    assert kinds(found) == [("nonfinite", "", "critical")] and found[0].step == 25
+    assert found[0].evidence["first_seen_layer"] == "a" and found[0].evidence["first_seen_step"] == 30
 
 
 # --- unused_parameter / not_in_optimizer ---------------------------------------------------------------

@@ -142,15 +142,15 @@ def _output_activations(history: History) -> set[str]:
 def _saturation(history: History, th: Thresholds) -> list[Finding]:
     found: list[Finding] = []
     skip = _output_activations(history)
-    records = list(history.records)[-max(int(th.activation_window), 1) :]
     for name, info in history.layers.items():
         if info.role != "saturating" or name in skip:
             continue
-        series = [
+        full = [
             (rec.step, a.saturated_frac)
-            for rec in records
+            for rec in history.records
             if (a := rec.activations.get(name)) is not None and a.saturated_frac is not None and a.nonfinite == 0
         ]
+        series = full[-max(int(th.activation_window), 1) :]
         if not series:
             continue
         fracs = [f for _, f in series]
@@ -161,6 +161,12 @@ def _saturation(history: History, th: Thresholds) -> list[Finding]:
         if typical < th.saturation_warning:
             continue
         critical = typical >= th.saturation_critical
+        # Date it: the start of the run of saturated steps that reaches into the judged window.
+        since = over[0][0]
+        for st, f in reversed(full[: len(full) - len(series)]):
+            if f < th.saturation_warning:
+                break
+            since = st
         evidence: dict[str, float | int | str] = {
             "saturated_fraction": typical,
             "saturated_max": max(fracs),
@@ -174,7 +180,7 @@ def _saturation(history: History, th: Thresholds) -> list[Finding]:
                 kind=Kind.SATURATED_ACTIVATION.value,
                 severity=(Severity.CRITICAL if critical else Severity.WARNING).value,
                 layer=name,
-                step=over[0][0],
+                step=since,
                 message=(
                     f"{typical:.0%} of {name}'s outputs sit in the flat tails of its {info.type}, where almost "
                     f"no gradient passes."

@@ -164,7 +164,18 @@ def _vanishing(history: History, series: dict[str, LayerSeries], th: Thresholds)
             evidence["loss_improvement"] = loss_change(history) or 0.0
         critical = abs_hit or (depth_hit and gap < th.vanishing_depth_critical)
         first = min(st for st, _ in (below_abs if abs_hit else []) + (below_depth if depth_hit else []))
-        if depth_hit:
+        hint = (
+            "Use ReLU/GELU with Kaiming/He init instead of saturating activations, or add "
+            "normalization or residual connections so gradients reach the early layers."
+        )
+        if max(s.grad) == 0.0:
+            # Not a long chain of small factors but a cut: nothing downstream passes gradient back.
+            message = f"{name} received exactly zero gradient on every collected step, so it cannot train."
+            hint = (
+                "An exactly-zero gradient means the path back from the loss is cut: look for dead ReLU "
+                "units after this layer (dead_relu) or an output that does not depend on it."
+            )
+        elif depth_hit:
             message = (
                 f"Gradients reaching {name} are {gap:.1e} times those of later layers (relative to their "
                 f"weights), too small to train it."
@@ -178,10 +189,7 @@ def _vanishing(history: History, series: dict[str, LayerSeries], th: Thresholds)
                 layer=name,
                 step=first,
                 message=message,
-                hint=(
-                    "Use ReLU/GELU with Kaiming/He init instead of saturating activations, or add "
-                    "normalization or residual connections so gradients reach the early layers."
-                ),
+                hint=hint,
                 evidence=evidence,
             )
         )
@@ -260,9 +268,11 @@ def _growth(s: LayerSeries, th: Thresholds) -> _Hit | None:
         return None
     first = flags.index(True)
     base = base_at[first]
-    # When did it begin? Walk back over the run of steps already clearly above the baseline.
+    # A gradient that keeps growing until it turns NaN has not recovered: the NaN steps count as above.
+    flags[first:] = [f or math.isnan(g) for f, g in zip(flags[first:], s.grad[first:], strict=True)]
+    # When did it begin? Walk back over the contiguous run of steps already clearly above the baseline.
     start = first
-    while start > 0 and s.grad[start - 1] > 2 * base and s.grad[start - 1] < s.grad[start]:
+    while start > 0 and s.grad[start - 1] > 2 * base:
         start -= 1
     peak = max(g for g in s.grad[first:] if not math.isnan(g))
     growth = peak / base

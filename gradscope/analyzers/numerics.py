@@ -13,6 +13,8 @@ reach an applied step, an activation or the weights.
 
 from __future__ import annotations
 
+import math
+
 from ..config import Thresholds
 from ..findings import Finding, Kind, Severity
 from ..stats.history import History, NonfiniteEvent, _first_nonfinite
@@ -38,6 +40,11 @@ def analyze(history: History, thresholds: Thresholds) -> list[Finding]:
     first = history.first_nonfinite
     if first is None:
         return []
+    bad_loss = next((st for st, v in history.losses if not math.isfinite(v)), None)
+    if bad_loss is not None and bad_loss < first.step:
+        # The loss went non-finite on a step whose module statistics were not collected (every > 1):
+        # the module seen first, later, only inherited it. Date it by the loss; name no wrong layer.
+        return [_uncollected(history, bad_loss, first)]
     skipped = set(history.skipped_steps)
     if not (first.source in _GRAD_SOURCES and first.step in skipped):
         return [_finding(history, first, Severity.CRITICAL)]
@@ -128,3 +135,18 @@ def _overflow(history: History, first: NonfiniteEvent, th: Thresholds) -> Findin
     )
     f.evidence.update(skipped_steps=history.skipped_total, longest_skip_run=longest, overflow="skipped")
     return f
+
+
+def _uncollected(history: History, step: int, seen: NonfiniteEvent) -> Finding:
+    return Finding(
+        kind=Kind.NONFINITE.value,
+        severity=Severity.CRITICAL.value,
+        layer="",
+        step=step,
+        message=(
+            f"The loss became NaN/Inf at step {step}, between collected steps; by step {seen.step} it had "
+            f"reached {seen.layer or 'the model'}."
+        ),
+        hint="Re-run with watch(..., every=1) to locate the first module that produces it.",
+        evidence={"source": "loss", "first_seen_layer": seen.layer, "first_seen_step": seen.step},
+    )
