@@ -1,4 +1,4 @@
-"""`gradscope inspect PATH`: diagnose a checkpoint from its weights, optionally with one probe pass.
+"""`gradscope inspect PATH`: diagnose a checkpoint from its weights, optionally with a probe on synthetic input.
 
 Exit status: 0 no critical finding, 1 at least one, 2 bad usage or unreadable input (one line on stderr).
 """
@@ -62,7 +62,7 @@ class _ProgressBar:
 @click.command("inspect", cls=_OneLineCommand)
 @click.argument("path")
 @click.option("--model", "model_spec", metavar="MODULE:CALLABLE",
-              help="Build the model (importable from the current directory) for one probe pass.")
+              help="Build the model (importable from the current directory) for a probe on synthetic input.")
 @click.option("--input-shape", metavar="N,C,...", help="Shape of the probe's synthetic input batch.")
 @click.option("--input-dtype", metavar="float|long", help="Probe input: normal noise (float) or token ids (long).")
 @click.option("--vocab", type=int, metavar="N", help="Token-id range for --input-dtype long.")

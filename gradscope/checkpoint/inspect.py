@@ -1,5 +1,5 @@
 """``inspect_checkpoint``: read a checkpoint tensor by tensor, apply the weight-only rules, optionally
-run one probe pass, and return a Report (with a per-layer table in ``Report.layers``)."""
+run a probe on synthetic input, and return a Report (with a per-layer table in ``Report.layers``)."""
 
 from __future__ import annotations
 
@@ -58,12 +58,13 @@ def inspect_checkpoint(
     thresholds: Thresholds | None = None,
     progress: Progress | None = None,
 ) -> Report:
-    """Diagnose a checkpoint from its weights alone, or with one probe pass when ``model`` is given.
+    """Diagnose a checkpoint from its weights alone, or also with a probe when ``model`` is given.
 
     Args:
         path: a torch.save file, a .safetensors file, or a folder of shards with its index.
         model: an nn.Module, a callable returning one, or "MODULE:CALLABLE" (importable from the cwd);
-            with ``input_shape`` it runs one forward/backward on synthetic input under ``watch()``.
+            with ``input_shape`` it runs forward/backward passes (``thresholds.min_steps``, no weight
+            update) on synthetic input under ``watch()``.
         input_shape: the probe's input shape, e.g. "8,3,32,32" or (8, 3, 32, 32).
         input_dtype: "float" (normal noise) or "long" (token ids); default: long when the model
             starts with an Embedding.
@@ -116,8 +117,9 @@ def inspect(
             names = {e.key: e.name for e in ckpt.entries}
             probe.load_strict(net, {names[k]: t for k, t in original.items()}, original, str(ckpt.path))
             del original  # the model holds its own copy; let the mapping go
-            x = probe.synthetic_input(net, shape, input_dtype, vocab, torch.Generator().manual_seed(0))
-            probed = probe.run_probe(net, x, th)
+            gen = torch.Generator().manual_seed(0)
+            probe.synthetic_input(net, shape, input_dtype, vocab, gen)  # bad dtype/vocab fail before the pass
+            probed = probe.run_probe(net, lambda: probe.synthetic_input(net, shape, input_dtype, vocab, gen), th)
             findings += probed.findings
             steps = probed.steps
             layers = _merge_layers(layers, probed.layers, [n for n, _ in net.named_modules()])

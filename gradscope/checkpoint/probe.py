@@ -1,5 +1,5 @@
-"""One probe pass: build the user's model, load the checkpoint into it strictly, and run a single
-forward/backward on synthetic input under ``gradscope.watch`` to add gradient-flow findings."""
+"""The probe: build the user's model, load the checkpoint into it strictly, and run forward/backward
+passes on synthetic input under ``gradscope.watch`` (no weight update) to add gradient-flow findings."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def resolve_model(model: nn.Module | Callable[[], nn.Module] | str) -> nn.Module
     if not callable(model):
         raise UsageError(f"--model {spec}: not callable")
     try:
-        built = model()
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten by the checkpoint anyway
+            built = model()
     except Exception as exc:
         raise UsageError(f"--model {spec}: calling it failed: {type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(built, nn.Module):
@@ -147,26 +148,36 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def run_probe(model: nn.Module, x: torch.Tensor, thresholds: Thresholds | None = None) -> Report:
-    """One forward/backward under watch(every=1); the caller's RNG state is left as it was."""
-    from ..scope import watch  # the engine imports checkpoint nothing, but keep import time low
+def run_probe(model: nn.Module, make_input: Callable[[], torch.Tensor], thresholds: Thresholds | None = None,
+              passes: int | None = None) -> Report:
+    """Forward/backward passes on fresh synthetic batches under watch(every=1); no weight is updated.
 
+    ``passes`` defaults to ``thresholds.min_steps``: the rules that need several observations (a
+    parameter that never gets a gradient, a sustained symptom) then apply as they would in training.
+    Gradients are cleared after each pass, and the caller's RNG state is left as it was.
+    """
+    from ..scope import watch  # imported late: the engine is not needed for weight-only inspection
+
+    th = thresholds if thresholds is not None else Thresholds()
+    n = max(1, int(passes if passes is not None else th.min_steps))
     model.train()  # as in training: batch statistics, dropout (seeded below)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        with watch(model, every=1, thresholds=thresholds) as scope:
-            try:
-                loss = synthetic_loss(model(x))
-                loss.backward()
-            except UsageError:
-                raise
-            except Exception as exc:
-                raise UsageError(f"the probe pass failed on synthetic input of shape {list(x.shape)} "
-                                 f"({str(x.dtype).removeprefix('torch.')}): {type(exc).__name__}: "
-                                 f"{_first_line(exc)}") from None
-            scope.step(loss=float(loss.detach()))
+        with watch(model, every=1, thresholds=th) as scope:
+            for _ in range(n):
+                x = make_input()
+                try:
+                    loss = synthetic_loss(model(x))
+                    loss.backward()
+                except UsageError:
+                    raise
+                except Exception as exc:
+                    raise UsageError(f"the probe pass failed on synthetic input of shape {list(x.shape)} "
+                                     f"({str(x.dtype).removeprefix('torch.')}): {type(exc).__name__}: "
+                                     f"{_first_line(exc)}") from None
+                scope.step(loss=float(loss.detach()))
+                model.zero_grad(set_to_none=True)  # no optimizer: each pass must see only its own gradient
             report = scope.report()
-    model.zero_grad(set_to_none=True)
     return report
 
 

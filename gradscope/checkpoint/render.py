@@ -31,11 +31,11 @@ def render_inspection(inspection: Inspection, console: Console, max_rows: int = 
         facts.append(f"weights under {inspection.meta['wrapper']!r}")
     if trained:
         facts.append(trained)
+    lines = [verdict(report), Text(str(inspection.path), style="bold"), Text(" · ".join(facts), style="dim")]
     if report.steps:
-        facts.append("probe: 1 forward/backward on synthetic input")
-    console.print(Panel(Group(verdict(report), Text(str(inspection.path), style="bold"),
-                              Text(" · ".join(facts), style="dim")),
-                        title="[bold]gradscope inspect[/]", title_align="left", box=box.ROUNDED))
+        lines.append(Text(f"probe: {report.steps} forward/backward pass{'es' * (report.steps > 1)} on "
+                          "synthetic input, weights not updated", style="dim"))
+    console.print(Panel(Group(*lines), title="[bold]gradscope inspect[/]", title_align="left", box=box.ROUNDED))
     if report.findings:
         console.print(_findings(report.findings))
     console.print(_weights(report.layers, console.width, max_rows))

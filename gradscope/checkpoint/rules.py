@@ -223,7 +223,9 @@ def dead_units(layers: Mapping[str, Layer], th: Thresholds) -> list[Finding]:
 
     Two proofs: a row of exact zeros with a bias ≤ 0 (the unit outputs its bias), and a bias so negative
     that even the Cauchy-Schwarz bound |w·x| ≤ |w|·|x| cannot offset it for inputs of the scale its
-    peers see, with a margin (``ckpt_dead_bias_margin``).
+    peers see, with a margin (``ckpt_dead_bias_margin``). That scale is |x| = sqrt(fan_in) (unit-scale
+    inputs, what initialization schemes aim for), or larger when the units with a non-negative bias,
+    alive for sure, carry biases that say the inputs are larger (raw pixel values, say).
     """
     out = []
     for layer in layers.values():
@@ -245,7 +247,8 @@ def dead_units(layers: Mapping[str, Layer], th: Thresholds) -> list[Finding]:
             live = norms > 0
             # How far the unit's hyperplane is from the origin: inputs need at least this norm to activate it.
             distance = np.where(live, -bias_v / np.where(live, norms, 1.0), 0.0)
-            peers = np.abs(bias_v[live]) / norms[live]
+            alive = live & (bias_v >= 0)
+            peers = bias_v[alive] / norms[alive]
             scale = max(math.sqrt(w.fan_in), float(np.median(peers)) if peers.size else 0.0)
             by_bias = live & (bias_v < 0) & (distance > th.ckpt_dead_bias_margin * scale)
         dead = zero_dead | by_bias
