@@ -76,3 +76,33 @@ def test_report_exit_2_with_one_line(tmp_path: Path, case: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gradscope: error:") and str(target) in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_demo_runs_every_scenario_and_diagnoses_each(tmp_path: Path) -> None:
+    from gradscope.demo import SCENARIOS
+
+    result = CliRunner().invoke(cli, ["demo", "--log-dir", str(tmp_path)], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for s in SCENARIOS:
+        assert f"✔ {s.name}" in out, f"{s.name} was not diagnosed as expected:\n{out}"
+        for kind in s.expect:
+            assert kind in out
+        saved = Report.from_dict(json.loads((tmp_path / s.name / JSON_NAME).read_text()))
+        assert set(s.expect) <= {f.kind for f in saved.findings}
+        assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / s.name).iterdir())
+    assert f"{len(SCENARIOS)} of {len(SCENARIOS)} scenarios diagnosed as expected" in out
+    assert "no findings" in out  # the healthy control
+    assert out.rstrip().endswith(f"tensorboard --logdir {tmp_path}")
+
+
+def test_demo_default_log_dir_and_scenario_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["demo", "--scenario", "not_in_optimizer"], terminal_width=100)
+    assert result.exit_code == 0, result.output  # a critical finding in the demo is not a failure of the demo
+    assert "1 of 1 scenarios diagnosed as expected" in result.output
+    assert "tensorboard --logdir gradscope-demo" in result.output
+    report = CliRunner().invoke(cli, ["report", "gradscope-demo/not_in_optimizer"])
+    assert report.exit_code == 1 and "not_in_optimizer" in report.output
+    bad = CliRunner().invoke(cli, ["demo", "--scenario", "nope"])
+    assert bad.exit_code == 2

@@ -17,6 +17,7 @@ from gradscope.reporters.terminal import (
     fmt,
     log_bar,
     print_report,
+    render_brief,
     render_report,
     shorten,
     verdict,
@@ -189,3 +190,14 @@ def test_watch_console_prints_on_close() -> None:
     text = console.export_text()
     assert "5 steps seen" in text and "3 layers watched" in text
     assert [row.split()[:2] for row in _flow_rows(text)] == [["0", "Linear"], ["1", "ReLU"], ["2", "Linear"]]
+
+
+def test_brief_leads_with_the_kinds_asked_for() -> None:
+    console = Console(record=True, width=100)
+    render_brief(_report(), console, summary=SUMMARY, first=("dead_relu",), limit=1)
+    lines = console.export_text().splitlines()
+    assert lines[0] == "  WARN dead_relu at net.3, step 30"
+    assert lines[1].strip() == "95% of units in net.3 never fire."
+    assert lines[2].strip() == "→ Lower the learning rate."
+    assert lines[3].strip() == "also: vanishing_gradient ×1, unused_parameter ×1"
+    assert lines[4].strip() == "loss 2.5 → 0.125 over 200 steps"

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console, Group
+from rich.padding import Padding
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -51,6 +52,42 @@ def render_report(report: Report, console: Console, summary: dict[str, Any] | No
     if flow is not None:
         console.print()
         console.print(flow)
+
+
+def render_brief(
+    report: Report,
+    console: Console,
+    summary: dict[str, Any] | None = None,
+    first: Sequence[str] = (),
+    limit: int = 2,
+) -> None:
+    """A few lines: the leading findings (those of the kinds in ``first`` lead), then counts of the rest.
+
+    For many reports in a row (``gradscope demo``), where the full report of each would be too long.
+    """
+    s = summary or {}
+    findings = sorted(report.findings, key=lambda f: f.kind not in first)  # stable: severity order kept
+    for i, f in enumerate(findings[:limit]):
+        head = Text("  ")
+        head.append(SEVERITY_LABEL[f.severity], style=SEVERITY_STYLE[f.severity])
+        head.append(f" {f.kind}", style="bold")
+        head.append(f" at {f.layer or '(model)'}" + ("" if f.step is None else f", step {f.step}"), style="cyan")
+        console.print(head)
+        console.print(Padding(Text(f.message), (0, 0, 0, 7)))
+        if f.hint and i == 0:  # one fix is enough in a brief; the full report has all of them
+            console.print(Padding(Text("→ " + f.hint, style="dim"), (0, 0, 0, 7)))
+    rest = findings[limit:]
+    if rest:
+        counts: dict[str, int] = {}
+        for f in rest:
+            counts[f.kind] = counts.get(f.kind, 0) + 1
+        also = "also: " + ", ".join(f"{k} ×{n}" for k, n in counts.items())
+        console.print(Padding(Text(also, style="dim"), (0, 0, 0, 2)))
+    if not report.findings:
+        console.print(Text("  no findings", style="green"))
+    first_loss, last_loss = as_float(s.get("loss_first")), as_float(s.get("loss_last"))
+    if first_loss is not None or last_loss is not None:
+        console.print(Text(f"  loss {fmt(first_loss)} → {fmt(last_loss)} over {report.steps} steps", style="dim"))
 
 
 # --- summary -----------------------------------------------------------------------------------------
