@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import analyzers
+from . import analyzers, distributed
 from .config import DEFAULT_EVERY, DEFAULT_HISTORY, Thresholds
 from .errors import AlreadyWatchedError, UsageError
 from .findings import Report
@@ -42,6 +42,13 @@ _EVAL_BATCHES = 8
 
 # Pending loss values kept on the device before a transfer is forced (bounds memory when every is huge).
 _MAX_PENDING_LOSSES = 4096
+
+
+def _eager(fn: Any) -> Any:
+    """Hooks run eagerly even inside torch.compile: dynamo breaks the graph around them instead of
+    tracing gradscope's bookkeeping into it, so the statistics are those of the real tensors."""
+    disable = getattr(torch.compiler, "disable", None)
+    return disable(fn, recursive=True) if disable is not None else fn
 
 
 class GradscopeWarning(UserWarning):
@@ -75,9 +82,16 @@ class Scope:
         *,
         histograms: bool = False,
         history: int = DEFAULT_HISTORY,
+        scaler: Any = None,
     ) -> None:
+        model = distributed.unwrap(model)  # DDP: watch the wrapped module, under its own names
         self._validate(model, optimizer, log_dir, every, thresholds, history)
+        if scaler is not None and not all(hasattr(scaler, a) for a in ("update", "get_scale", "step")):
+            raise UsageError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.model = model
+        self.scaler = scaler
+        self._combiner = distributed.combiner()
+        self._main = distributed.is_main_process()  # only rank 0 writes files and prints
         self.optimizers: list[torch.optim.Optimizer] = (
             [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         )
@@ -99,6 +113,7 @@ class Scope:
         self._probes: list[UpdateProbe] = []
         self._writer: Any = None
         self._warned: set[str] = set()
+        self._ended_since_update = False
 
         self._watched: dict[nn.Module, _Watched] = {}
         self._named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -118,7 +133,7 @@ class Scope:
         except BaseException:
             self.close()
             raise
-        if self.log_dir is not None:
+        if self.log_dir is not None and self._main:
             self._open_writer()
 
     # --- construction ---------------------------------------------------------------------------------
@@ -140,6 +155,11 @@ class Scope:
             raise UsageError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
         if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise UsageError(f"history must be an int >= 1, got {history!r}")
+        if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            raise UsageError(
+                "watch() got a model already compiled by torch.compile, whose graph would skip gradscope's "
+                "hooks; call gradscope.watch(model) first and torch.compile(model) after it"
+            )
         already = [m for m in model.modules() if m in _WATCHED]
         if already:
             raise AlreadyWatchedError(
@@ -204,12 +224,15 @@ class Scope:
                 elementwise=isinstance(module, selection.ELEMENTWISE),
             )
             self._watched[module] = w
-            self._handles.keep(module.register_forward_hook(functools.partial(self._on_forward, w)))
+            self._handles.keep(module.register_forward_hook(_eager(functools.partial(self._on_forward, w))))
             if role == "norm":
-                self._handles.keep(module.register_forward_pre_hook(functools.partial(self._on_norm_input, w)))
+                pre = _eager(functools.partial(self._on_norm_input, w))
+                self._handles.keep(module.register_forward_pre_hook(pre))
         for opt in self.optimizers:
             self._handles.keep(opt.register_step_pre_hook(self._on_pre_step))
             self._handles.keep(opt.register_step_post_hook(self._on_post_step))
+        if self.scaler is not None:
+            self._handles.keep(_patch_scaler_update(self.scaler, self._on_scaler_update))
 
     # --- hooks ----------------------------------------------------------------------------------------
     def _on_forward(self, w: _Watched, module: nn.Module, inputs: Any, output: Any) -> None:
@@ -240,7 +263,7 @@ class Scope:
             if t.requires_grad:
                 # A tensor hook, not a module backward hook: it survives in-place ops on the output and
                 # sees the gradient with respect to the value this module produced.
-                hook = functools.partial(self._on_grad, w.name)
+                hook = _eager(functools.partial(self._on_grad, w.name))
                 self._handles.keep_for_step(t.register_hook(hook))
 
     def _on_grad(self, name: str, grad: torch.Tensor) -> None:
@@ -284,6 +307,18 @@ class Scope:
         if len(self._stepped) >= len(self.optimizers):
             self._end_step()
 
+    def _on_scaler_update(self) -> None:
+        """GradScaler.update(): if no optimizer step ended the training step, the scaler skipped it."""
+        if not self._ended_since_update and (self.optimizers or self._collector.acts):
+            self._end_step(skipped=True)
+        self._ended_since_update = False
+
+    def _grad_scale(self) -> torch.Tensor | None:
+        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
+        if not isinstance(scale, torch.Tensor) or not self.scaler.is_enabled():
+            return None
+        return scale  # the scale this step's backward used: update() has not run yet
+
     # --- steps ----------------------------------------------------------------------------------------
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """End a training step (without an optimizer), or attach ``loss`` to the step that just ended."""
@@ -301,12 +336,15 @@ class Scope:
         if not self.optimizers:
             self._end_step()
 
-    def _end_step(self) -> None:
+    def _end_step(self, skipped: bool = False) -> None:
         if self._collecting:
             try:
-                self._finish_record()
+                self._finish_record(skipped)
             except Exception as exc:  # statistics must never break training
                 self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
+        elif skipped:
+            self.history.add_skipped(self._step)
+        self._ended_since_update = True
         self._handles.end_step()
         self._collector.reset()
         self._probes.clear()
@@ -315,21 +353,36 @@ class Scope:
         self.history.steps_seen = self._step
         self._collecting = self._step % self.every == 0
 
-    def _finish_record(self) -> None:
+    def _finish_record(self, skipped: bool = False) -> None:
         if self._collector.params is None:
             self._collector.params = param_batch(self._named_params)
         self._refresh_optimizer_membership()
         lrs, param_lr = self._learning_rates()
-        record, losses = self._collector.flush(self._step, losses=self._losses, lrs=lrs, param_lr=param_lr)
+        record, losses = self._collector.flush(
+            self._step,
+            losses=self._losses,
+            loss_window=self.every,
+            lrs=lrs,
+            param_lr=param_lr,
+            grad_scale=self._grad_scale(),
+            combiner=self._combiner,
+        )
         self._losses = []
+        record.skipped = skipped
+        if not record.activations and any(p.grad_norm is not None for p in record.params.values()):
+            self._warn_once(
+                "no-forward",
+                f"gradscope saw gradients but no forward pass in step {self._step}: if this model was compiled "
+                "with torch.compile before watch(), its compiled graph skips the hooks; watch it before compiling",
+            )
         self.history.add(record)
         self._record_losses(losses)
         self._write(record)
 
     def _flush_losses(self) -> None:
         """Move pending loss values to the host (one transfer): at report time or when many are pending."""
-        if not self._losses:
-            return
+        if not self._losses or self._combiner is not None:
+            return  # distributed: only losses combined across ranks at collected steps, so reports agree
         tensors = [v for _, v in self._losses if isinstance(v, torch.Tensor)]
         host = torch.stack([t.float().reshape(()) for t in tensors]).cpu().tolist() if tensors else []
         it = iter(host)
@@ -401,7 +454,7 @@ class Scope:
         return report
 
     def _publish(self, report: Report) -> None:
-        if self.log_dir is None:
+        if self.log_dir is None or not self._main:
             return
         try:
             from .reporters.json import write_json
@@ -455,7 +508,7 @@ class Scope:
         try:
             if self.log_dir is not None or self.console:
                 report = self.report()
-                if self.console:
+                if self.console and self._main:
                     from .reporters.terminal import print_report
 
                     target = None if isinstance(self.console, bool) else self.console
@@ -481,6 +534,24 @@ class Scope:
         return f"Scope({type(self.model).__name__}, step={self._step}, every={self.every}, {state})"
 
 
+def _patch_scaler_update(scaler: Any, callback: Any) -> Any:
+    """Wrap ``scaler.update`` on this one instance; the returned handle restores it (close() calls it)."""
+    original = scaler.update
+
+    def update(*args: Any, **kwargs: Any) -> Any:
+        callback()
+        return original(*args, **kwargs)
+
+    scaler.update = update
+
+    class _Restore:
+        def remove(self) -> None:
+            if scaler.__dict__.get("update") is update:
+                del scaler.update  # the class's method shows through again
+
+    return _Restore()
+
+
 def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
@@ -490,5 +561,9 @@ def watch(
     thresholds: Thresholds | None = None,
     **options: Any,
 ) -> Scope:
-    """Attach gradscope to ``model``; see ../shared/CONTRACT.md. Extra options: histograms, history."""
+    """Attach gradscope to ``model``; see ../shared/CONTRACT.md.
+
+    Extra options: ``histograms`` (sampled histograms to TensorBoard), ``history`` (collected steps kept),
+    ``scaler`` (a torch.amp.GradScaler: gradients are reported unscaled, skipped steps counted).
+    """
     return Scope(model, optimizer, log_dir, every, console, thresholds, **options)

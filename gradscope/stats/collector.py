@@ -48,6 +48,7 @@ class ParamBatch:
     grad_sq: torch.Tensor  # (len(grad_names),) squared grad norm; NaN/Inf if the grad held any
     has_grad: list[bool]  # aligned with names
     weight_sq: torch.Tensor  # (len(names),)
+    sharded: bool = False  # FSDP: local shards, whose squared norms add up across ranks
     update_names: list[str] = field(default_factory=list)
     update_sq: list[torch.Tensor] = field(default_factory=list)  # one (Q_i,) vector per optimizer step
 
@@ -154,18 +155,12 @@ class StepCollector:
         """Evaluation-forward norm statistics gathered since the last collected step (report time)."""
         if not self.eval_norms:
             return {}
-        pieces_sum = [a.sums.reshape(-1) for a in self.eval_norms.values()]
-        pieces_max = [a.maxes.reshape(-1) for a in self.eval_norms.values()]
-        host = _to_host(pieces_sum + pieces_max)
-        out: dict[str, NormStats] = {}
-        s_off, m_off = 0, sum(t.numel() for t in pieces_sum)
-        for (name, acc), s, m in zip(self.eval_norms.items(), pieces_sum, pieces_max, strict=True):
-            views = {
-                ("eval_norm", name, "sum"): host[s_off : s_off + s.numel()],
-                ("eval_norm", name, "max"): host[m_off : m_off + m.numel()],
-            }
-            s_off, m_off = s_off + s.numel(), m_off + m.numel()
-            out[name] = _norm(acc, views, "eval_norm", name, False)
+        pack = _Pack()
+        for name, acc in self.eval_norms.items():
+            pack.put("eval_norm", name, "local", acc.sums, "sum")
+            pack.put("eval_norm", name, "local", acc.maxes, "max")
+        views = pack.transfer(None)
+        out = {name: _norm(acc, views, "eval_norm", name, False) for name, acc in self.eval_norms.items()}
         self.eval_norms.clear()
         return out
 
@@ -175,95 +170,185 @@ class StepCollector:
         step: int,
         *,
         losses: list[tuple[int, torch.Tensor | float]] | None = None,
+        loss_window: int = 1,
         lrs: list[float] | None = None,
         param_lr: dict[str, float] | None = None,
+        grad_scale: torch.Tensor | None = None,
+        combiner: Combiner | None = None,
     ) -> tuple[StepRecord, list[tuple[int, float]]]:
-        """One device-to-host transfer for everything this step gathered; returns the record and losses."""
-        pieces_sum: list[torch.Tensor] = []
-        pieces_max: list[torch.Tensor] = []
-        layout: list[tuple[str, str, str, int]] = []  # (group, key, half, size)
+        """One device-to-host transfer for everything this step gathered; returns the record and losses.
 
-        def put(group: str, key: str, half: str, t: torch.Tensor | None) -> None:
-            if t is None:
-                return
-            t = t.reshape(-1)
-            (pieces_sum if half == "sum" else pieces_max).append(t)
-            layout.append((group, key, half, t.numel()))
-
+        With a ``combiner`` (a distributed run) the packed buffer is first combined across ranks, so every
+        rank unpacks the same numbers. Everything in the "sum" and "max" halves must then have the same
+        layout on every rank; per-rank extras (eval forwards, histogram samples) travel in "local".
+        """
+        pack = _Pack()
         for name, acc in self.acts.items():
-            put("act", name, "sum", acc.sums)
-            put("act", name, "max", acc.maxes)
-            put("act_units", name, "max", acc.units)
-            put("act_sample", name, "max", acc.sample)
+            pack.put("act", name, "sum", acc.sums)
+            pack.put("act", name, "max", acc.maxes)
+            pack.put("act_units", name, "max", acc.units)
+            pack.put("act_sample", name, "local", acc.sample)
         for name, acc in self.grads.items():
-            put("grad", name, "sum", acc.sums)
-            put("grad", name, "max", acc.maxes)
-            put("grad_sample", name, "max", acc.sample)
-        for group, accs in (("norm", self.norms), ("eval_norm", self.eval_norms)):
-            for name, acc in accs.items():
-                put(group, name, "sum", acc.sums)
-                put(group, name, "max", acc.maxes)
+            pack.put("grad", name, "sum", acc.sums)
+            pack.put("grad", name, "max", acc.maxes)
+            pack.put("grad_sample", name, "local", acc.sample)
+        for name, acc in self.norms.items():
+            pack.put("norm", name, "sum", acc.sums)
+            pack.put("norm", name, "max", acc.maxes)
+        for name, acc in self.eval_norms.items():
+            pack.put("eval_norm", name, "local", acc.sums, "sum")
+            pack.put("eval_norm", name, "local", acc.maxes, "max")
         p = self.params
         if p is not None:
-            # Replicated parameters: identical on every rank, so they travel in the max half.
-            put("param", "grad_sq", "max", p.grad_sq)
-            put("param", "weight_sq", "max", p.weight_sq)
+            # Replicated parameters are identical on every rank (max); shards add up (sum of squares).
+            half = "sum" if p.sharded else "max"
+            pack.put("param", "grad_sq", half, p.grad_sq)
+            pack.put("param", "weight_sq", half, p.weight_sq)
             if p.update_sq:
-                put("param", "update_sq", "max", torch.cat([u.reshape(-1) for u in p.update_sq]))
-        loss_tensors = [(s, v) for s, v in (losses or []) if isinstance(v, torch.Tensor)]
-        if loss_tensors:
-            put("loss", "values", "sum", torch.stack([v.detach().float().reshape(()) for _, v in loss_tensors]))
-
-        host = _to_host(pieces_sum + pieces_max)
-        sum_len = sum(t.numel() for t in pieces_sum)
-        cursor = {"sum": 0, "max": sum_len}
-        views: dict[tuple[str, str, str], np.ndarray] = {}
-        for group, key, half, size in layout:
-            start = cursor[half]
-            views[(group, key, half)] = host[start : start + size]
-            cursor[half] = start + size
+                pack.put("param", "update_sq", half, torch.cat([u.reshape(-1) for u in p.update_sq]))
+        if grad_scale is not None:
+            pack.put("scale", "value", "max", grad_scale.detach().float())
+        loss_steps = _put_losses(pack, step, losses or [], loss_window, distributed=combiner is not None)
+        trained = [*self.acts.values(), *self.grads.values(), *self.norms.values()]
+        if combiner is not None:  # element counts and calls add up across ranks too
+            counts = [float(a.numel) for a in trained] + [float(a.calls) for a in trained]
+            device = pack.device() or torch.device("cpu")
+            pack.put("counts", "", "sum", torch.tensor(counts, dtype=torch.float32, device=device))
+        views = pack.transfer(combiner)
+        if combiner is not None and trained:
+            counts = views[("counts", "", "sum")]
+            for i, acc in enumerate(trained):
+                acc.numel, acc.calls = int(counts[i]), int(counts[len(trained) + i])
 
         record = StepRecord(step=step, lrs=list(lrs or []))
         for name, acc in self.acts.items():
             record.activations[name] = _activation(acc, views, name)
+        scale = float(views[("scale", "value", "max")][0]) if grad_scale is not None else 1.0
         for name, acc in self.grads.items():
             s, m = views[("grad", name, "sum")], views[("grad", name, "max")]
-            sample = views.get(("grad_sample", name, "max"))
+            sample = views.get(("grad_sample", name, "local"))
             nan, inf = _split_nonfinite(int(s[1]), float(m[0]), float(m[1]))
             record.gradients[name] = GradStats(
-                norm=_sqrt(float(s[0])),
-                absmax=_absmax(float(m[0]), float(m[1])),
+                # gradients of outputs carry the loss scale of mixed-precision training: report them unscaled
+                norm=_sqrt(float(s[0])) / scale,
+                absmax=_absmax(float(m[0]), float(m[1])) / scale,
                 nan=nan,
                 inf=inf,
                 order=acc.order,
-                sample=None if sample is None else sample.copy(),
+                sample=None if sample is None else sample / scale,
             )
-        for group, accs, target, training in (
-            ("norm", self.norms, record.norms, True),
-            ("eval_norm", self.eval_norms, record.eval_norms, False),
-        ):
-            for name, acc in accs.items():
-                target[name] = _norm(acc, views, group, name, training)
+        for name, acc in self.norms.items():
+            record.norms[name] = _norm(acc, views, "norm", name, True)
+        for name, acc in self.eval_norms.items():
+            record.eval_norms[name] = _norm(acc, views, "eval_norm", name, False)
         if p is not None:
-            _params(record, p, views, param_lr or {})
-        loss_values: list[tuple[int, float]] = []
-        if losses:
-            tensor_vals = iter(views[("loss", "values", "sum")].tolist()) if loss_tensors else iter(())
-            for s, v in losses:
-                loss_values.append((s, float(next(tensor_vals)) if isinstance(v, torch.Tensor) else float(v)))
+            _params(record, p, views, param_lr or {}, "sum" if p.sharded else "max")
         self.eval_norms.clear()
-        return record, loss_values
+        return record, _losses_from(views, loss_steps)
 
 
-def _to_host(pieces: list[torch.Tensor]) -> np.ndarray:
-    if not pieces:
-        return np.zeros(0, dtype=np.float32)
-    device = pieces[0].device
-    flat = [
-        t if t.device == device and t.dtype == torch.float32 else t.to(device, torch.float32, non_blocking=True)
-        for t in pieces
-    ]
-    return torch.cat(flat).cpu().numpy()  # the one transfer (a single sync) of a collected step
+class Combiner:
+    """Combines a packed buffer across the ranks of a process group with one all_gather."""
+
+    def __init__(self, group: object = None) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = group
+        self.world = dist.get_world_size(group)
+
+    def combine(self, buf: torch.Tensor, sum_len: int, max_len: int) -> torch.Tensor:
+        gathered = [torch.empty_like(buf) for _ in range(self.world)]
+        self.dist.all_gather(gathered, buf, group=self.group)
+        stacked = torch.stack(gathered)  # (world, len)
+        out = buf.clone()  # the "local" tail stays this rank's own
+        out[:sum_len] = stacked[:, :sum_len].sum(0)
+        out[sum_len : sum_len + max_len] = stacked[:, sum_len : sum_len + max_len].amax(0)
+        return out
+
+
+class _Pack:
+    """Collects device tensors into the layout [sum half | max half | local], then moves them at once."""
+
+    HALVES = ("sum", "max", "local")
+
+    def __init__(self) -> None:
+        self.pieces: dict[str, list[torch.Tensor]] = {h: [] for h in self.HALVES}
+        self.layout: list[tuple[tuple[str, str, str], str, int]] = []
+
+    def put(self, group: str, key: str, half: str, t: torch.Tensor | None, tag: str | None = None) -> None:
+        if t is None:
+            return
+        t = t.reshape(-1)
+        self.pieces[half].append(t)
+        self.layout.append(((group, key, tag or half), half, t.numel()))
+
+    def device(self) -> torch.device | None:
+        for half in self.HALVES:
+            if self.pieces[half]:
+                return self.pieces[half][0].device
+        return None
+
+    def transfer(self, combiner: Combiner | None) -> dict[tuple[str, str, str], np.ndarray]:
+        ordered = [t for h in self.HALVES for t in self.pieces[h]]
+        lengths = {h: sum(t.numel() for t in self.pieces[h]) for h in self.HALVES}
+        if not ordered:
+            host = np.zeros(0, dtype=np.float32)
+        else:
+            device = ordered[0].device
+            flat = [
+                t if t.device == device and t.dtype == torch.float32 else t.to(device, torch.float32)
+                for t in ordered
+            ]
+            buf = torch.cat(flat)
+            if combiner is not None:
+                buf = combiner.combine(buf, lengths["sum"], lengths["max"])
+            host = buf.cpu().numpy()  # the one transfer (a single sync) of a collected step
+        cursor = {"sum": 0, "max": lengths["sum"], "local": lengths["sum"] + lengths["max"]}
+        views: dict[tuple[str, str, str], np.ndarray] = {}
+        for key, half, size in self.layout:
+            start = cursor[half]
+            views[key] = host[start : start + size]
+            cursor[half] = start + size
+        return views
+
+
+def _put_losses(
+    pack: _Pack, step: int, losses: list[tuple[int, torch.Tensor | float]], window: int, *, distributed: bool
+) -> list[int]:
+    """Loss values in a fixed layout: one (value, count) slot per step of the window ending at ``step``,
+    so that every rank packs the same shape, and a mean across ranks is sum / count."""
+    # distributed: the same slots on every rank, whether or not it was given a loss for each step
+    steps = list(range(step - window, step + 1)) if distributed else sorted({s for s, _ in losses})
+    if not steps:
+        return []
+    index = {s: i for i, s in enumerate(steps)}
+    device = pack.device() or torch.device("cpu")
+    values: list[tuple[int, torch.Tensor]] = []
+    counts = [0.0] * len(steps)
+    host_vals = [0.0] * len(steps)
+    for s, v in losses:
+        i = index.get(s)
+        if i is None:
+            continue  # outside a distributed run's fixed window (a very late scope.step(loss))
+        counts[i] += 1.0
+        if isinstance(v, torch.Tensor):
+            values.append((i, v.detach().float().reshape(())))
+        else:
+            host_vals[i] += float(v)
+    vec = torch.tensor(host_vals, dtype=torch.float32, device=device)
+    for i, t in values:
+        vec[i] += t.to(device)  # device-side adds: no transfer until the pack moves
+    pack.put("loss", "values", "sum", vec)
+    pack.put("loss", "counts", "sum", torch.tensor(counts, dtype=torch.float32, device=device))
+    return steps
+
+
+def _losses_from(views: dict, steps: list[int]) -> list[tuple[int, float]]:
+    if not steps:
+        return []
+    values, counts = views[("loss", "values", "sum")], views[("loss", "counts", "sum")]
+    return [(s, float(v) / float(c)) for s, v, c in zip(steps, values, counts, strict=True) if c > 0]
 
 
 def _absmax(hi: float, neg_lo: float) -> float:
@@ -329,9 +414,9 @@ def _sqrt(x: float) -> float:
     return math.sqrt(x) if x >= 0 else x  # NaN/Inf pass through
 
 
-def _params(record: StepRecord, p: ParamBatch, views: dict, param_lr: dict[str, float]) -> None:
-    grads = dict(zip(p.grad_names, views[("param", "grad_sq", "max")].tolist(), strict=True))
-    wsq = views[("param", "weight_sq", "max")].tolist()
+def _params(record: StepRecord, p: ParamBatch, views: dict, param_lr: dict[str, float], half: str) -> None:
+    grads = dict(zip(p.grad_names, views[("param", "grad_sq", half)].tolist(), strict=True))
+    wsq = views[("param", "weight_sq", half)].tolist()
     for name, w in zip(p.names, wsq, strict=True):
         g = grads.get(name)
         record.params[name] = ParamStats(
@@ -342,7 +427,7 @@ def _params(record: StepRecord, p: ParamBatch, views: dict, param_lr: dict[str, 
             lr=param_lr.get(name),
         )
     if p.update_sq:
-        usq = views[("param", "update_sq", "max")].tolist()
+        usq = views[("param", "update_sq", half)].tolist()
         for name, u in zip(p.update_names, usq, strict=True):
             if name in record.params:
                 record.params[name].update_norm = _sqrt(u)

@@ -8,6 +8,9 @@ from .collector import ParamBatch
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 DTensors: only this rank's shard, never a gather (the collector adds squares across ranks).
+    if hasattr(t, "to_local") and hasattr(t, "placements"):
+        t = t.to_local()
     # Sparse gradients (nn.Embedding(sparse=True)) hold their values in a dense side tensor.
     return t.coalesce().values() if t.is_sparse else t
 
@@ -31,6 +34,7 @@ def param_batch(named: list[tuple[str, torch.nn.Parameter]]) -> ParamBatch:
         grad_sq=_sq_norms(grads),  # type: ignore[arg-type]
         has_grad=has_grad,
         weight_sq=_sq_norms([p for _, p in named]),
+        sharded=any(hasattr(p, "placements") for _, p in named),
     )
 
 
@@ -43,13 +47,13 @@ class UpdateProbe:
 
     def __init__(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
+        self.params = [_dense(p.detach()) for _, p in named]  # local shards of FSDP2 parameters
         with torch.no_grad():
-            self.before = [p.detach().clone() for p in self.params]
+            self.before = [p.clone() for p in self.params]
 
     def finish(self) -> tuple[list[str], torch.Tensor]:
         with torch.no_grad():
-            torch._foreach_sub_(self.before, [p.detach() for p in self.params])  # before := before - after
+            torch._foreach_sub_(self.before, self.params)  # before := before - after (params updated in place)
             sq = _sq_norms(self.before)
         self.before = []
         return self.names, sq
