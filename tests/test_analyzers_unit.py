@@ -400,7 +400,8 @@ def overflow_history(skipped: set[int], steps: int = 40) -> History:
 def test_grad_scaler_overflow_is_info_unless_it_persists():
     calibrating = numerics.analyze(overflow_history({0, 1, 2, 3, 4, 5, 6}), TH)  # leading run: calibration
     assert kinds(calibrating) == [("nonfinite", "a", "info")]
-    assert calibrating[0].evidence["skipped_steps"] == 7
+    assert calibrating[0].evidence["skipped_steps"] == 7 and calibrating[0].evidence["longest_skip_run"] == 7
+    assert calibrating[0].evidence["longest_run_after_calibration"] == 0
     occasional = numerics.analyze(overflow_history({10, 20, 21}), TH)
     assert kinds(occasional) == [("nonfinite", "a", "info")]
     persistent = numerics.analyze(overflow_history({10, 11, 12, 13, 14, 15}), TH)  # 6 >= 5 in a row

@@ -168,7 +168,7 @@ def _vanishing(history: History, series: dict[str, LayerSeries], th: Thresholds)
             "Use ReLU/GELU with Kaiming/He init instead of saturating activations, or add "
             "normalization or residual connections so gradients reach the early layers."
         )
-        if max(s.grad) == 0.0:
+        if all(g == 0.0 for g in s.grad):
             # Not a long chain of small factors but a cut: nothing downstream passes gradient back.
             message = f"{name} received exactly zero gradient on every collected step, so it cannot train."
             hint = (

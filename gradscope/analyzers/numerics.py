@@ -125,15 +125,21 @@ def _overflow(history: History, first: NonfiniteEvent, th: Thresholds) -> Findin
     else:
         severity = Severity.INFO
     f = _finding(history, first, severity)
+    longest_any = max((n for _, n in runs), default=0)
     f.message = (
         f"Gradients overflowed at {first.layer or 'the model'} at step {first.step} and the optimizer skipped "
-        f"{history.skipped_total} step(s), the longest run {longest or max((n for _, n in runs), default=0)} in a row."
+        f"{history.skipped_total} step(s), the longest run {longest_any} in a row."
     )
     f.hint = (
         "Loss-scaling overflow: if the skipping persists, lower the learning rate, clip gradients after "
         "scaler.unscale_(optimizer), or train in bf16."
     )
-    f.evidence.update(skipped_steps=history.skipped_total, longest_skip_run=longest, overflow="skipped")
+    f.evidence.update(
+        skipped_steps=history.skipped_total,
+        longest_skip_run=longest_any,
+        longest_run_after_calibration=longest,  # what the severity is judged on
+        overflow="skipped",
+    )
     return f
 
 
