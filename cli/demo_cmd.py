@@ -17,9 +17,9 @@ DEFAULT_LOG_DIR = "gradscope-demo"
 
 
 def _names() -> list[str]:
-    from gradscope.demo import SCENARIOS
+    from gradscope.demo import DEMO
 
-    return [s.name for s in SCENARIOS]
+    return list(DEMO)
 
 
 @click.command("demo")
@@ -34,29 +34,28 @@ def demo(log_dir: str, names: tuple[str, ...], full: bool) -> None:
 
     Nothing is downloaded. Runs in well under a minute on a CPU.
     """
-    from gradscope.demo import SCENARIOS, Result, run_demo
+    from gradscope.demo import DEMO, Result, run_demo
     from gradscope.reporters.terminal import render_brief, render_report
 
     console = Console()
-    count = len(names) if names else len(SCENARIOS)
+    count = len(names) if names else len(DEMO)
     console.print(Text(f"gradscope demo · {count} small models on synthetic data · logs in {log_dir}/", style="bold"))
     start = time.perf_counter()
 
     def show(result: Result) -> None:
-        s = result.scenario
         console.print()
         head = Text("✔ " if result.caught else "✗ ", style="green" if result.caught else "red")
-        head.append(s.name, style="bold")
+        head.append(result.name, style="bold")
         head.append(f"  {result.seconds:.1f} s", style="dim")
         console.print(head)
-        console.print(Padding(Text(s.title, style="italic"), (0, 0, 0, 2)))
+        console.print(Padding(Text(result.why, style="italic"), (0, 0, 0, 2)))
         if not result.caught:
-            wanted = ", ".join(s.expect) if s.expect else "nothing"
-            console.print(Text(f"  expected {wanted}; see the findings below", style="red"))
+            wanted = "{} at {}".format(*result.expect) if result.expect else "no warning"
+            console.print(Padding(Text(f"expected {wanted}; see the findings below", style="red"), (0, 0, 0, 2)))
         if full:
             render_report(result.report, console, summary=result.summary)
         else:
-            render_brief(result.report, console, summary=result.summary, first=s.expect)
+            render_brief(result.report, console, summary=result.summary, first=result.expect[:1] if result.expect else ())
 
     import torch
 
@@ -72,7 +71,7 @@ def demo(log_dir: str, names: tuple[str, ...], full: bool) -> None:
     console.print()
     console.print(Text(f"{caught} of {len(results)} scenarios diagnosed as expected in "
                        f"{time.perf_counter() - start:.0f} s.", style="bold"))
-    example = next((r for r in results if not r.report.ok), results[-1]).scenario.name
+    example = next((r for r in results if not r.report.ok), results[-1]).name
     # Commands are printed unwrapped and shell-quoted, so they can be copied as they are.
     console.print(f"Full report of one scenario:  gradscope report {shlex.quote(os.path.join(log_dir, example))}",
                   soft_wrap=True, highlight=False)
