@@ -121,12 +121,14 @@ def train(
     eval_every: int = 0,
     autocast: torch.dtype | None = None,
     after_backward: Callable[[int], None] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[float]:
     """A plain training loop; returns the losses. ``lr_at(step)`` multiplies each group's initial lr.
 
     With a scope, the loss of each step is given to it (``scope.step(loss=...)``). Evaluation forwards
     run under ``torch.no_grad()`` in eval mode every ``eval_every`` steps, as a real loop would.
     ``after_backward(step)`` runs between backward and the optimizer step (to read ``.grad`` in tests).
+    With a ``scaler`` (mixed precision), the loss is scaled and the scaler steps and updates.
     """
     base = [g["lr"] for g in optimizer.param_groups]
     losses: list[float] = []
@@ -140,10 +142,17 @@ def train(
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             out = model(x)
         loss = loss_fn(out.float(), y)
-        loss.backward()
-        if after_backward is not None:
-            after_backward(step)
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            if after_backward is not None:
+                after_backward(step)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            if after_backward is not None:
+                after_backward(step)
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
         losses.append(float(loss.detach()))
         if scope is not None:
             scope.step(loss=losses[-1])
@@ -179,6 +188,7 @@ class Scenario:
     eval_data: SyntheticData | None = None
     eval_every: int = 0
     autocast: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
 
     @property
     def healthy(self) -> bool:
@@ -189,6 +199,7 @@ class Scenario:
             self.model, self.optimizer, self.data, self.steps, scope,
             loss_fn=self.loss_fn, lr_at=self.lr_at, eval_data=self.eval_data,
             eval_every=self.eval_every, autocast=self.autocast, after_backward=after_backward,
+            scaler=self.scaler,
         )
 
 
@@ -323,6 +334,14 @@ def healthy_mlp(seed: int = 0) -> Scenario:
 def healthy_mlp_bf16(seed: int = 0) -> Scenario:
     sc = healthy_mlp(seed)
     sc.name, sc.why, sc.autocast = "healthy_mlp_bf16", "The healthy MLP under bf16 autocast.", torch.bfloat16
+    return sc
+
+
+def healthy_mlp_fp16_scaler(seed: int = 0) -> Scenario:
+    """fp16 autocast with a GradScaler started at 2**24: it overflows and skips its first steps by design."""
+    sc = healthy_mlp(seed)
+    sc.name, sc.why = "healthy_mlp_fp16_scaler", "The healthy MLP in fp16 with a GradScaler calibrating its scale."
+    sc.autocast, sc.scaler = torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0**24)
     return sc
 
 
@@ -511,8 +530,8 @@ def saturated_tanh(seed: int = 0) -> Scenario:
 HEALTHY: dict[str, Callable[..., Scenario]] = {
     f.__name__: f
     for f in (
-        healthy_mlp, healthy_mlp_bf16, healthy_cnn, healthy_transformer, healthy_residual_gelu, healthy_lstm,
-        healthy_sigmoid_classifier,
+        healthy_mlp, healthy_mlp_bf16, healthy_mlp_fp16_scaler, healthy_cnn, healthy_transformer,
+        healthy_residual_gelu, healthy_lstm, healthy_sigmoid_classifier,
     )
 }
 BROKEN: dict[str, Callable[..., Scenario]] = {

@@ -27,8 +27,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def watched(sc: zoo.Scenario, every: int = 1, after_backward=None) -> tuple[Report, list[float]]:
-    kwargs = {} if every is None else {"every": every}
+def watched(sc: zoo.Scenario, every: int | None = 1, after_backward=None) -> tuple[Report, list[float]]:
+    kwargs: dict = {} if every is None else {"every": every}
+    if sc.scaler is not None:
+        kwargs["scaler"] = sc.scaler  # so gradscope knows which steps the scaler skipped
     with gradscope.watch(sc.model, sc.optimizer, **kwargs) as scope:
         losses = sc.run(scope, after_backward=after_backward)
         report = scope.report()
@@ -55,6 +57,16 @@ def test_healthy_controls_are_silent(name: str, every: int | None):
     # The control is healthy by its own measure too: it trains.
     assert all(math.isfinite(v) for v in losses)
     assert median(losses[-10:]) < 0.8 * median(losses[:10])
+
+
+def test_grad_scaler_calibration_is_only_info():
+    sc = zoo.healthy_mlp_fp16_scaler()
+    report, _ = watched(sc)
+    # Physically: the scaler started at 2**24 and skipped its first steps on overflowing fp16 gradients.
+    assert sc.scaler.get_scale() < 2.0**24
+    (f,) = [f for f in report.findings if f.kind == "nonfinite"]
+    assert f.severity == "info" and f.step == 0 and f.evidence["overflow"] == "skipped"
+    assert f.evidence["skipped_steps"] == math.log2(2.0**24 / sc.scaler.get_scale())  # one halving per skip
 
 
 def test_raising_the_lr_is_what_explodes():
