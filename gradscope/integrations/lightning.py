@@ -1,0 +1,234 @@
+"""PyTorch Lightning integration: ``Trainer(callbacks=[GradscopeCallback()])`` watches the whole fit.
+
+Importing this module imports Lightning; ``import gradscope`` never does.
+
+    from gradscope.integrations.lightning import GradscopeCallback
+
+    cb = GradscopeCallback(every=10)
+    trainer = L.Trainer(max_epochs=3, callbacks=[cb])
+    trainer.fit(module, datamodule)
+    print(cb.report.findings)
+
+What happens when (see docs/integrations.md):
+
+- ``on_fit_start``: the LightningModule is watched with the Trainer's torch optimizers, so every optimizer
+  step ends one gradscope step (the Trainer needs no other line).
+- ``on_train_batch_end``: the batch's loss (``training_step``'s output) joins the step it belongs to; with
+  ``accumulate_grad_batches=k`` the k micro-batch losses of one optimizer step are averaged.
+- ``on_fit_end`` / ``on_exception`` / ``teardown``: the scope is closed (hooks removed, files flushed) and
+  the final report is kept in ``.report``.
+- Files go to ``<logger.log_dir>/gradscope`` of the Trainer's first TensorBoard logger (a run of its own, so
+  gradscope's ``loss`` tag never mixes with a ``self.log("loss")`` of the module), or to ``log_dir=``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+except ImportError:  # the older package name ships the same API
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+        from pytorch_lightning.loggers import TensorBoardLogger  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ImportError(
+            "gradscope.integrations.lightning needs PyTorch Lightning: pip install lightning"
+        ) from exc
+
+from ..config import DEFAULT_EVERY, Thresholds
+from ..errors import UsageError
+from ..findings import Report
+from ..scope import Scope, watch
+
+__all__ = ["GradscopeCallback"]
+
+#: Sub-folder of the TensorBoard logger's run folder that gradscope writes into.
+LOGGER_SUBDIR = "gradscope"
+
+
+class GradscopeCallback(pl.Callback):
+    """Watches the LightningModule's gradient flow for the length of ``trainer.fit``.
+
+    Args:
+        every: collect statistics on every N-th optimizer step (as in :func:`gradscope.watch`).
+        thresholds: analyzer thresholds, a :class:`gradscope.Thresholds`.
+        log_dir: where gradscope writes TensorBoard events and ``gradscope.json``. ``None`` (default): the
+            ``gradscope`` sub-folder of the Trainer's first TensorBoard logger, or no files without one.
+        console: print the terminal report when fit ends.
+        **watch_options: further options of :func:`gradscope.watch` (``histograms``, ``history``).
+
+    After fit, ``.report`` holds the final :class:`gradscope.Report` and ``.scope`` the (closed) scope, whose
+    ``history`` keeps the collected statistics.
+    """
+
+    def __init__(
+        self,
+        every: int = DEFAULT_EVERY,
+        thresholds: Thresholds | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        console: Any = False,
+        **watch_options: Any,
+    ) -> None:
+        # Validate here, not at fit start: a typo should fail before a long job sets itself up.
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UsageError(f"every must be an int >= 1 (collect every N-th step), got {every!r}")
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise UsageError(f"thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise UsageError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
+        self.every = every
+        self.thresholds = thresholds
+        self.log_dir = log_dir
+        self.console = console
+        self.watch_options = watch_options
+        self.scope: Scope | None = None
+        self.report: Report | None = None
+        self._pending: list[torch.Tensor] = []  # losses of the micro-batches of the step in progress
+        self._steps_seen = 0
+        self._loss_scale = 1
+        self._closure_hooks: list[Any] = []
+
+    # --- fit lifetime -------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish()  # a previous fit with this callback that never reached its end
+        optimizers = [_torch_optimizer(o) for o in trainer.optimizers]
+        # Registered before watch() so that they run before gradscope's own step hooks (see below).
+        self._closure_hooks = [o.register_step_pre_hook(_evaluate_closure_first) for o in optimizers]
+        try:
+            self.scope = watch(
+                pl_module,
+                optimizers or None,
+                log_dir=self._resolve_log_dir(trainer),
+                every=self.every,
+                console=self.console,
+                thresholds=self.thresholds,
+                **self.watch_options,
+            )
+        except BaseException:
+            self._remove_closure_hooks()
+            raise
+        self.report = None
+        self._pending = []
+        self._steps_seen = self.scope.history.steps_seen
+        # Automatic optimization hands on_train_batch_end the loss divided by accumulate_grad_batches.
+        self._loss_scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        scope = self.scope
+        if scope is None or scope.closed:
+            return
+        loss = _loss_of(outputs)
+        if loss is not None:
+            self._pending.append(loss.detach().float().reshape(()) * self._loss_scale)
+        if scope.history.steps_seen > self._steps_seen:
+            # An optimizer step ended during this batch: its loss is the mean over its micro-batches,
+            # kept on the device (no host sync here; gradscope moves losses to the host in bulk).
+            self._steps_seen = scope.history.steps_seen
+            if self._pending:
+                scope.step(loss=torch.stack(self._pending).mean())
+            self._pending = []
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._finish()  # the model must be left without hooks even when fit fails
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._finish()  # safety net: idempotent after on_fit_end / on_exception
+
+    # --- helpers ------------------------------------------------------------------------------------------
+    def _resolve_log_dir(self, trainer: pl.Trainer) -> str | os.PathLike[str] | None:
+        if self.log_dir is not None:
+            return self.log_dir
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and logger.log_dir:
+                return Path(logger.log_dir) / LOGGER_SUBDIR
+        return None
+
+    def _finish(self) -> None:
+        """Close the scope once and keep its final report; the model is left without any gradscope hook."""
+        self._remove_closure_hooks()
+        scope = self.scope
+        if scope is None or scope.closed:
+            return
+        scope.close()
+        # After close() the history is complete; report() then re-reads it without any hook in place.
+        self.report = scope.report()
+
+    def _remove_closure_hooks(self) -> None:
+        for handle in self._closure_hooks:
+            handle.remove()
+        self._closure_hooks = []
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under Lightning's (or anyone's) wrapper: its step hooks are the ones that fire."""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 8:  # LightningOptimizer, AcceleratedOptimizer, ...
+        optimizer = optimizer.optimizer
+        seen += 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageError(
+            f"GradscopeCallback needs torch.optim.Optimizer instances, the Trainer has {type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    """The loss in ``training_step``'s output: a scalar tensor, or the "loss" entry of a mapping."""
+    if isinstance(outputs, Mapping):
+        outputs = outputs.get("loss")
+    if isinstance(outputs, torch.Tensor) and outputs.numel() == 1:
+        return outputs
+    return None
+
+
+class _Replay:
+    """A closure whose first call returns a result computed earlier; later calls evaluate again (LBFGS)."""
+
+    def __init__(self, closure: Any, result: Any) -> None:
+        self.closure = closure
+        self.result = result
+        self.used = False
+
+    def __call__(self) -> Any:
+        if not self.used:
+            self.used = True
+            return self.result
+        return self.closure()
+
+
+def _evaluate_closure_first(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple | None:
+    """Run ``step(closure)``'s closure before gradscope's step hook instead of inside ``step()``.
+
+    Lightning calls ``optimizer.step(closure=...)`` and its closure runs ``training_step``, ``zero_grad``
+    and ``backward``. gradscope reads the gradients and weights at its step pre-hook, which torch calls
+    before ``step()`` itself runs the closure: it would read the previous step's gradients. Every torch
+    optimizer evaluates the closure first, at unchanged weights, so evaluating it one moment earlier and
+    handing ``step()`` the result for its first call gives the same numbers.
+    """
+    if "closure" in kwargs:
+        closure = kwargs["closure"]
+    elif args:
+        closure = args[0]
+    else:
+        return None
+    if closure is None:
+        return None
+    with torch.enable_grad():  # as torch optimizers call their closure
+        result = closure()
+    replay = _Replay(closure, result)
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": replay}
+    return (replay, *args[1:]), kwargs
