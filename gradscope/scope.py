@@ -375,8 +375,9 @@ class Scope:
                 f"gradscope saw gradients but no forward pass in step {self._step}: if this model was compiled "
                 "with torch.compile before watch(), its compiled graph skips the hooks; watch it before compiling",
             )
+        # Losses of earlier, uncollected steps first: a NaN loss at step 25 precedes a NaN output at step 30.
+        self._record_losses(losses, pending=record)
         self.history.add(record)
-        self._record_losses(losses)
         self._write(record)
 
     def _flush_losses(self) -> None:
@@ -396,8 +397,10 @@ class Scope:
         if pending and self.history.last is not None:
             self.history.last.eval_norms.update(pending)
 
-    def _record_losses(self, values: list[tuple[int, float]]) -> None:
+    def _record_losses(self, values: list[tuple[int, float]], pending: StepRecord | None = None) -> None:
         by_step = {r.step: r for r in self.history.records}
+        if pending is not None:
+            by_step[pending.step] = pending
         for s, v in values:
             self.history.add_loss(s, v)
             if s in by_step:

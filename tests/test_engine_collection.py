@@ -237,3 +237,20 @@ def test_only_collected_steps_are_measured():
     finally:
         scope.close()
     assert [r.step for r in scope.history.records] == [0, 3, 6]
+
+
+def test_a_nan_loss_between_collected_steps_is_the_first_nonfinite_event():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradscope.watch(model, optimizer=opt, every=5) as scope:
+        for step in range(7):
+            loss = model(torch.randn(2, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            scope.step(loss * float("nan") if step >= 3 else loss)
+            if step == 4:
+                with torch.no_grad():
+                    model.weight.fill_(float("nan"))  # the model itself goes bad at step 5
+    event = scope.history.first_nonfinite
+    assert (event.step, event.source, event.layer) == (3, "loss", "")
