@@ -81,6 +81,9 @@ def test_summary_findings_and_flow_are_all_shown() -> None:
     text = _text(_report(), summary=SUMMARY)
     assert "✖ 1 critical, 1 warning. First: vanishing_gradient at net.0 (step 12)." in text
     assert "200 steps seen · 7 layers watched · statistics from 20 collected steps" in text
+    assert "skipped" not in text  # no skipped optimizer steps: not mentioned
+    skipped = _text(_report(), summary={**SUMMARY, "skipped_steps": 3})
+    assert "│ 3 optimizer steps skipped (inf/NaN gradients)" in skipped
     assert "loss 2.5 → 0.125" in text
     assert "lr 1.0e-04 → 1.0e-03" in text
     for f in _report().findings:

@@ -115,6 +115,10 @@ def _summary_panel(report: Report, summary: dict[str, Any] | None) -> Panel:
     if s.get("collected"):
         facts.append(f"statistics from {s['collected']} collected steps")
     lines.append(Text(" · ".join(facts), style="dim"))
+    skipped = as_float(s.get("skipped_steps"))
+    if skipped:
+        # GradScaler skips optimizer steps whose gradients overflowed; many of them mean fp16 trouble.
+        lines.append(Text(f"{skipped:.0f} optimizer steps skipped (inf/NaN gradients)", style="yellow"))
     loss = _loss_line(s)
     if loss is not None:
         lines.append(loss)
