@@ -66,14 +66,26 @@ class Thresholds:
     norm_warmup_steps: int = 30
 
     # --- optimizer -------------------------------------------------------------------------------
-    #: ||dw|| / ||w|| per step: above is too large (warning / critical), below is too small.
+    #: ||dw|| / ||w|| per step (healthy is near 1e-3): at/above ``update_ratio_high`` sustained is too large
+    #: when the loss does not improve (warning) or diverges (critical).
     update_ratio_high: float = 1e-1
+    #: At/above this sustained the weights are rewritten every step: critical (warning if the loss improves).
     update_ratio_critical: float = 1.0
-    update_ratio_low: float = 1e-7
-    #: Loss above this multiple of its recent range is a spike.
+    #: At/below this sustained, rescaled to the peak learning rate seen, while the loss has not improved over
+    #: the run, is too small (two orders of magnitude below the healthy band's low end of ~1e-3).
+    update_ratio_low: float = 1e-5
+    #: Collected steps that make one "sustained" window for update ratios (with sustained_fraction, min_steps).
+    update_window: int = 10
+    #: A loss more than this multiple of its recent range above its recent median is a spike.
     loss_spike: float = 10.0
-    #: Loss rising by more than this factor from its running minimum over the window is divergence.
+    #: Losses (one per step given) in the window a spike is compared with and a loss level is taken over.
+    loss_window: int = 20
+    #: The loss level (trimmed mean of the last ``loss_window`` losses) rising to this factor of its lowest
+    #: level over longer windows before it is divergence.
     loss_rise: float = 3.0
+    #: A rise or spike must also climb back by this share of what training had gained (first loss minus
+    #: minimum), so that noise near a converged minimum is not divergence.
+    loss_giveback: float = 0.1
 
     # --- numerics --------------------------------------------------------------------------------
     #: Optimizer steps skipped for non-finite gradients (GradScaler) tolerated before it is a finding.
