@@ -218,3 +218,24 @@ def test_log_dir_gets_weight_histograms_and_the_report(tmp_path):
     nan_hist = events.Histograms("weights/2.weight")[0].histogram_value
     assert nan_hist.num == 2 * 16 - 1  # the NaN is left out of its histogram, not the whole tensor
     assert any("gradscope/report" in t for t in tags["tensors"])
+
+
+def test_progress_reaches_the_total_and_the_bar_stays_off_stdout(tmp_path, monkeypatch):
+    from gradscope_cli import inspect_cmd
+
+    state = {f"blocks.{i}.weight": torch.randn(32, 32) for i in range(5)}
+    torch.save(state, tmp_path / "m.pt")
+    seen: list[tuple[int, int]] = []
+    gradscope.inspect_checkpoint(tmp_path / "m.pt", progress=lambda done, total: seen.append((done, total)))
+    total = 5 * 32 * 32 * 4
+    assert seen[0] == (0, total) and seen[-1] == (total, total)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    monkeypatch.setattr(inspect_cmd, "PROGRESS_MIN_BYTES", 0)  # every checkpoint gets the bar
+    result = run(str(tmp_path / "m.pt"), "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["layers"]  # stdout is still nothing but the JSON
+
+
+def test_probe_input_options_need_a_probe(tmp_path):
+    torch.save({"w": torch.randn(3)}, tmp_path / "m.pt")
+    assert_one_line_error(run(str(tmp_path / "m.pt"), "--input-dtype", "long"), "need --model")

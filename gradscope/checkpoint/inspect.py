@@ -18,7 +18,7 @@ from torch import nn
 
 from ..analyzers import merge
 from ..config import Thresholds
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
 from ..findings import Report, sort_findings
 from ..hooks.selection import role_of
 from . import probe, rules
@@ -100,6 +100,8 @@ def inspect(
         raise UsageError(f"thresholds must be a gradscope.Thresholds, got {type(th).__name__}")
     if (model is None) != (input_shape is None):
         raise UsageError("--model and --input-shape go together: the probe pass needs both")
+    if model is None and (input_dtype is not None or vocab is not None):
+        raise UsageError("--input-dtype and --vocab describe the probe's input: they need --model and --input-shape")
     shape = probe.parse_shape(input_shape) if input_shape is not None else None
     # Build the model before reading gigabytes, so that a typo in --model fails at once.
     net = probe.resolve_model(model) if model is not None else None
@@ -141,7 +143,11 @@ def _read(ckpt: Checkpoint, writer: Any, progress: Progress | None) -> list[Tens
     if progress is not None:
         progress(0, total)
     for entry, tensor in ckpt.tensors():
-        stats.append(tensor_stats(entry.name, tensor))
+        try:
+            stats.append(tensor_stats(entry.name, tensor))
+        except Exception as exc:  # an exotic tensor type: one line naming it, not a traceback
+            raise CheckpointError(f"{ckpt.path}: cannot analyze tensor {entry.name} ({entry.dtype}, "
+                                  f"{tensor.layout}): {type(exc).__name__}: {exc}".splitlines()[0]) from None
         if writer is not None:
             _histogram(writer, entry.name, tensor)
         del tensor

@@ -95,6 +95,7 @@ class Checkpoint:
             by_key = {e.key: e for e in entries}
             for key, tensor in reader.read([e.key for e in entries]):
                 yield by_key[key], tensor
+                del tensor  # hold no view of a mapping while the reader decides to re-open its file
 
     def state_dict(self, original_keys: bool = False) -> dict[str, torch.Tensor]:
         """Every tensor at once (memory-mapped where the format allows), for loading into a model."""

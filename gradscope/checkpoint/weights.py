@@ -85,6 +85,10 @@ def tensor_stats(name: str, tensor: torch.Tensor, spectral_iters: int = SPECTRAL
     numel = x.numel()
     if numel == 0:
         return TensorStats(name, layer, leaf, shape, dtype, 0, 0.0, 0.0, 0.0, 0, 0)
+    if x.is_quantized:
+        x = x.dequantize()
+    elif x.layout != torch.strided:  # sparse weights: zeros are stored implicitly, count them as zeros
+        x = x.to_dense()
     if x.is_complex():
         x = x.abs()
     rows = x.reshape(shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)  # (units, fan_in)
