@@ -200,7 +200,7 @@ def main() -> None:
             runs = per_mode[mode]
             row[f"{mode}_ms"] = statistics.median(statistics.median(x["times"]) * 1e3 for x in runs)
             row[f"{mode}_mean_ms"] = statistics.median(statistics.fmean(x["times"]) * 1e3 for x in runs)
-            ratios = [statistics.fmean(x["times"]) / statistics.fmean(p["times"]) for x, p in zip(runs, plain)]
+            ratios = [statistics.fmean(x["times"]) / statistics.fmean(p["times"]) for x, p in zip(runs, plain, strict=True)]
             row[f"{mode}_ratio"] = statistics.median(ratios)
             row[f"{mode}_ratios"] = ratios
             row[f"{mode}_peak"] = statistics.median(x["peak_mib"] for x in runs)

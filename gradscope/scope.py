@@ -114,6 +114,7 @@ class Scope:
         self._writer: Any = None
         self._warned: set[str] = set()
         self._ended_since_update = False
+        self.last_report: Report | None = None  # the latest report(), also the final one after close()
 
         self._watched: dict[nn.Module, _Watched] = {}
         self._named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -283,11 +284,45 @@ class Scope:
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 0:
             self._collector.add_norm_input(w.name, module, x, training=training)
 
-    def _on_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if id(opt) in self._stepped:
-            self._end_step()  # the same optimizer stepped again: the previous step is over
-        if not self._collecting:
-            return
+    def _on_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        try:
+            if id(opt) in self._stepped:
+                self._end_step()  # the same optimizer stepped again: the previous step is over
+            if not self._collecting:
+                return None
+            # The hook's args are step()'s, with the optimizer itself first: (opt, closure?).
+            pos = 1 if args and args[0] is opt else 0
+            closure = kwargs["closure"] if "closure" in kwargs else (args[pos] if len(args) > pos else None)
+            if callable(closure):
+                # step(closure) (LBFGS, Lightning) runs forward and backward inside step(): the gradients
+                # exist only once the closure has run, so read them right after its first call.
+                wrapped = self._after_first_call(closure, functools.partial(self._snapshot, opt))
+                if "closure" in kwargs:
+                    return args, {**kwargs, "closure": wrapped}
+                return (*args[:pos], wrapped, *args[pos + 1 :]), kwargs
+            self._snapshot(opt)
+        except Exception as exc:  # statistics must never break training
+            self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
+        return None
+
+    def _after_first_call(self, closure: Any, then: Any) -> Any:
+        done = False
+
+        def run(*a: Any, **k: Any) -> Any:
+            nonlocal done
+            result = closure(*a, **k)
+            if not done:
+                done = True
+                try:
+                    then()
+                except Exception as exc:
+                    self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
+            return result
+
+        return run
+
+    def _snapshot(self, opt: torch.optim.Optimizer) -> None:
+        """Gradients and weights as the optimizer is about to use them, and a copy for the update probe."""
         if self._collector.params is None:
             self._collector.params = param_batch(self._named_params)
         named = [
@@ -299,10 +334,13 @@ class Scope:
         self._probes.append(UpdateProbe(named))
 
     def _on_post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._collecting and self._probes and self._collector.params is not None:
-            names, sq = self._probes.pop().finish()
-            self._collector.params.update_names.extend(names)
-            self._collector.params.update_sq.append(sq)
+        try:
+            if self._collecting and self._probes and self._collector.params is not None:
+                names, sq = self._probes.pop().finish()
+                self._collector.params.update_names.extend(names)
+                self._collector.params.update_sq.append(sq)
+        except Exception as exc:
+            self._warn_once("collect", f"gradscope could not measure the update of step {self._step}: {exc!r}")
         self._stepped.add(id(opt))
         if len(self._stepped) >= len(self.optimizers):
             self._end_step()
@@ -441,6 +479,7 @@ class Scope:
         findings = analyzers.analyze(self.history, self.thresholds)
         report = Report(findings=findings, steps=self.history.steps_seen, layers=layer_summary(self.history))
         self._publish(report)
+        self.last_report = report
         return report
 
     def summary(self) -> dict[str, Any]:
@@ -509,13 +548,12 @@ class Scope:
         for m in self.model.modules():
             _WATCHED.discard(m)
         try:
-            if self.log_dir is not None or self.console:
-                report = self.report()
-                if self.console and self._main:
-                    from .reporters.terminal import print_report
+            report = self.report()  # the final report: files rewritten, kept as last_report
+            if self.console and self._main:
+                from .reporters.terminal import print_report
 
-                    target = None if isinstance(self.console, bool) else self.console
-                    print_report(report, target, summary=self.summary())
+                target = None if isinstance(self.console, bool) else self.console
+                print_report(report, target, summary=self.summary())
         except Exception as exc:  # closing must always release the model, even if reporting fails
             self._warn_once("close", f"gradscope could not write its final report: {exc!r}")
         finally:

@@ -351,3 +351,40 @@ def test_a_model_with_hundreds_of_layers():
     assert len(scope.history.last.activations) == 400
     assert len(scope.history.last.params) == 400
     assert len(report.layers) == 400
+
+
+@pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.LBFGS(ps, lr=0.5), lambda ps: torch.optim.SGD(ps, lr=0.1)])
+def test_step_with_a_closure_reads_the_gradients_it_computes(make_opt):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = make_opt(model.parameters())
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    seen = {}
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        if not seen:  # the gradients of the first call, before any parameter moved
+            seen.update({n: p.grad.norm().item() for n, p in model.named_parameters()})
+            seen["_w"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return loss
+
+    with gradscope.watch(model, optimizer=opt, every=1) as scope:
+        opt.step(closure)
+    rec = scope.history.last
+    assert scope.history.steps_seen == 1
+    for n, p in model.named_parameters():
+        assert rec.params[n].grad_norm == pytest.approx(seen[n], rel=1e-5)
+        assert rec.params[n].update_norm == pytest.approx((p.detach() - seen["_w"][n]).norm().item(), rel=1e-4)
+
+
+def test_a_collected_step_without_any_gradient_does_not_break_training():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, optimizer=opt, every=1) as scope:
+        opt.step()  # nothing has a gradient yet
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    assert scope.history.steps_seen == 2
+    assert scope.history.records[0].params["weight"].grad_norm is None
+    assert scope.last_report is not None and scope.last_report.steps == 2

@@ -52,6 +52,8 @@ class UpdateProbe:
             self.before = [p.clone() for p in self.params]
 
     def finish(self) -> tuple[list[str], torch.Tensor]:
+        if not self.before:  # no parameter had a gradient: the optimizer changed nothing we measure
+            return [], torch.zeros(0)
         with torch.no_grad():
             torch._foreach_sub_(self.before, self.params)  # before := before - after (params updated in place)
             sq = _sq_norms(self.before)
