@@ -34,10 +34,14 @@ def demo(log_dir: str, names: tuple[str, ...], full: bool) -> None:
 
     Nothing is downloaded. Runs in well under a minute on a CPU.
     """
+    show_demo(Console(), log_dir, names, full)
+
+
+def show_demo(console: Console, log_dir: str, names: tuple[str, ...] = (), full: bool = False) -> None:
+    """Run the demo scenarios, printing each result as it comes (docs/images is made from this too)."""
     from gradscope.demo import DEMO, Result, run_demo
     from gradscope.reporters.terminal import render_brief, render_report
 
-    console = Console()
     count = len(names) if names else len(DEMO)
     console.print(Text(f"gradscope demo · {count} small models on synthetic data · logs in {log_dir}/", style="bold"))
     start = time.perf_counter()

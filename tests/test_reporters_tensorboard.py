@@ -17,7 +17,7 @@ from torch import nn
 import gradscope
 from gradscope.findings import Finding, Report
 from gradscope.reporters._safe import ReportingWarning
-from gradscope.reporters.tensorboard import FINDINGS_TAG, TensorBoardWriter
+from gradscope.reporters.tensorboard import FINDINGS_TAG, TensorBoardWriter, findings_markdown
 from gradscope.stats.history import History
 from gradscope.stats.records import ActivationStats, GradStats, LayerInfo, StepRecord
 
@@ -126,13 +126,22 @@ def test_findings_text_rewritten_only_when_they_change_and_layout_per_kind(tmp_p
     texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(TEXT_TAG)]
     assert len(texts) == 2
     assert texts[0] == "No findings after 3 steps: gradient flow looks healthy."
-    assert "| critical | dead_relu | `relu` | 1 | Half of relu's \\| units never fire. | Lower the lr. |" in texts[1]
+    assert "| **critical** | dead_relu | `relu` | 1 | Half of relu's \\| units never fire. |" in texts[1]
+    assert texts[1].endswith("**How to fix**\n\n- Lower the lr. (dead_relu at `relu`)")
     layout = _layout(acc)
     findings = next(c for c in layout.category if c.title == "gradscope: findings")
     chart = next(c for c in findings.chart if c.title == "dead relu")
     assert list(chart.multiline.tag) == [r"^dead_frac/relu$"]
     assert [t for t in acc.Tags()["scalars"] if re.match(chart.multiline.tag[0], t)] == ["dead_frac/relu"]
     assert [p.value for p in acc.Scalars("loss")] == pytest.approx([1.0, 0.5, 1.0 / 3])
+
+
+def test_findings_markdown_says_each_fix_once() -> None:
+    same = [Finding("vanishing_gradient", "warning", f"fc{i}", 0, "m", "Use ReLU.") for i in range(2)]
+    markdown = findings_markdown(Report(findings=[*same, Finding("loss_divergence", "critical", "", 5, "up", "")]))
+    assert markdown.count("Use ReLU.") == 1
+    assert "- Use ReLU. (vanishing_gradient at `fc0`, vanishing_gradient at `fc1`)" in markdown
+    assert "| **critical** | loss_divergence | (model) | 5 | up |" in markdown
 
 
 def test_histograms_only_when_asked(tmp_path: Path) -> None:

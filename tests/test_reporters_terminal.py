@@ -204,3 +204,10 @@ def test_brief_leads_with_the_kinds_asked_for() -> None:
     assert lines[2].strip() == "→ Lower the learning rate."
     assert lines[3].strip() == "also: vanishing_gradient ×1, unused_parameter ×1"
     assert lines[4].strip() == "loss 2.5 → 0.125 over 200 steps"
+
+
+def test_a_fix_shared_by_several_findings_is_shown_once() -> None:
+    same = [Finding("vanishing_gradient", "critical", f"fc{i}", 0, f"fc{i} gets no gradient.", "Use ReLU.") for i in range(3)]
+    text = _text(Report(findings=same, steps=10))
+    assert text.count("→ Use ReLU.") == 1
+    assert all(f"fc{i} gets no gradient." in text for i in range(3))

@@ -251,17 +251,32 @@ def finding_charts(report: Report) -> dict[str, list[str]]:
 
 
 def findings_markdown(report: Report) -> str:
-    """The findings as a Markdown table, most severe first; a sentence when there are none."""
+    """The findings as a Markdown table, most severe first, then each distinct fix once.
+
+    The hints live under the table rather than in a column: TensorBoard sizes table columns by their
+    longest text, and a long hint column squeezed the short ones to a letter per line.
+    """
     if not report.findings:
         return f"No findings after {report.steps} steps: gradient flow looks healthy."
     lines = [
         f"**{len(report.findings)} finding(s) after {report.steps} steps**",
         "",
-        "| severity | kind | layer | step | message | hint |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| severity | kind | layer | step | message |",
+        "| --- | --- | --- | --- | --- |",
     ]
+    fixes: dict[str, list[str]] = {}  # hint -> the "kind at layer" it fixes, in report order
     for f in report.findings:
-        cells = [f.severity, f.kind, f"`{f.layer}`" if f.layer else "(model)", "" if f.step is None else str(f.step),
-                 f.message, f.hint]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        where = f"`{f.layer}`" if f.layer else "(model)"
+        cells = [f"**{f.severity}**" if f.severity == "critical" else f.severity, f.kind, where,
+                 "" if f.step is None else str(f.step), f.message]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        if f.hint:
+            fixes.setdefault(f.hint, []).append(f"{f.kind} at {where}")
+    if fixes:
+        lines += ["", "**How to fix**", ""]
+        lines += [f"- {_cell(hint)} ({', '.join(targets)})" for hint, targets in fixes.items()]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")

@@ -186,14 +186,16 @@ def _findings_table(findings: Sequence[Finding], width: int) -> Table:
     table.add_column("kind · layer", width=kind_width, no_wrap=True, overflow="ellipsis")
     table.add_column("step", justify="right", width=5, no_wrap=True)
     table.add_column("what · fix", ratio=1, overflow="fold")
+    hinted: set[str] = set()
     for f in findings[:MAX_FINDINGS]:
         style = SEVERITY_STYLE[f.severity]
         where = Text(f.kind, style="bold")
         where.append("\n")
         where.append(shorten(f.layer, kind_width) if f.layer else "(model)", style="cyan")
         what = Text(f.message)
-        if f.hint:
+        if f.hint and f.hint not in hinted:  # the same fix for ten layers is said once, at the first
             what.append("\n→ " + f.hint, style="dim")
+            hinted.add(f.hint)
         step = "—" if f.step is None else str(f.step)
         table.add_row(Text(SEVERITY_LABEL[f.severity], style=style), where, step, what)
     if len(findings) > MAX_FINDINGS:
