@@ -8,7 +8,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,8 +136,29 @@ def inspect(
                       time.perf_counter() - start, dict(ckpt.meta))
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch ops on one thread for the duration (restored after).
+
+    The reductions walk cache-sized blocks, thousands of small ops per GB. Split over threads, every op
+    ends in a barrier, and on a busy machine each barrier waits for a descheduled thread: measured 10×
+    slower than one thread, which is memory-bound at ~2.5 GB/s anyway (benchmarks/README.md).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _read(ckpt: Checkpoint, writer: Any, progress: Progress | None) -> list[TensorStats]:
     """One pass over the tensors; each is reduced (and histogrammed) and dropped before the next."""
+    with _one_thread():
+        return _read_all(ckpt, writer, progress)
+
+
+def _read_all(ckpt: Checkpoint, writer: Any, progress: Progress | None) -> list[TensorStats]:
     stats: list[TensorStats] = []
     total, done = ckpt.total_bytes, 0
     if progress is not None:
