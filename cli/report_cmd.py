@@ -9,7 +9,7 @@ import sys
 import click
 
 from gradscope.findings import Report
-from gradscope.reporters.json import JSON_NAME, read_document, report_document
+from gradscope.reporters.json import JSON_NAME, read_document, read_summary
 
 from ._common import fail, handle_errors
 
@@ -34,9 +34,9 @@ def report(log_dir: str, as_json: bool) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         fail(f"{path}: not a readable gradscope report ({exc})")
         return
-    summary = data.get("summary") if isinstance(data.get("summary"), dict) else None
+    summary = read_summary(path)
     if as_json:
-        click.echo(json.dumps(report_document(result, summary), indent=2, allow_nan=False))
+        click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         from gradscope.reporters.terminal import print_report
 

@@ -19,3 +19,7 @@ class AlreadyWatchedError(UsageError):
 
 class CheckpointError(GradscopeError):
     """A checkpoint that cannot be read safely (missing, corrupt, or needs code execution)."""
+
+
+class GradscopeWarning(UserWarning):
+    """Something went wrong inside gradscope during training; it warns once and training goes on."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import analyzers, distributed
 from .config import DEFAULT_EVERY, DEFAULT_HISTORY, Thresholds
-from .errors import AlreadyWatchedError, UsageError
+from .errors import AlreadyWatchedError, GradscopeWarning, UsageError
 from .findings import Report
 from .hooks import selection
 from .hooks.handles import HandleSet
@@ -49,10 +49,6 @@ def _eager(fn: Any) -> Any:
     tracing gradscope's bookkeeping into it, so the statistics are those of the real tensors."""
     disable = getattr(torch.compiler, "disable", None)
     return disable(fn, recursive=True) if disable is not None else fn
-
-
-class GradscopeWarning(UserWarning):
-    """Something went wrong inside gradscope; training goes on."""
 
 
 @dataclass
@@ -501,7 +497,7 @@ class Scope:
         try:
             from .reporters.json import write_json
 
-            write_json(report, self.log_dir / "gradscope.json")
+            write_json(report, self.log_dir / "gradscope.json", summary=self.summary())
         except Exception as exc:
             self._warn_once("json", f"gradscope could not write gradscope.json: {exc!r}")
         if self._writer is not None:

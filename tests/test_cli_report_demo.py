@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from gradscope_cli.main import cli
 from torch import nn
 
 import gradscope
 from gradscope.findings import Finding, Report
 from gradscope.reporters.json import JSON_NAME, write_json
+from gradscope_cli.main import cli
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,32 @@ def test_demo_default_log_dir_and_scenario_choice(tmp_path: Path, monkeypatch: p
     assert report.exit_code == 1 and "not_in_optimizer" in report.output
     bad = CliRunner().invoke(cli, ["demo", "--scenario", "nope"])
     assert bad.exit_code == 2
+
+
+def test_report_file_is_the_reports_dict_and_the_cli_shows_the_run(tmp_path):
+    import json as _json
+
+    import torch
+    from click.testing import CliRunner
+    from torch import nn
+
+    import gradscope
+    from gradscope_cli.main import cli
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradscope.watch(model, optimizer=opt, every=2, log_dir=tmp_path) as scope:
+        for _ in range(12):
+            loss = model(torch.randn(16, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            scope.step(loss)
+    on_disk = _json.loads((tmp_path / "gradscope.json").read_text())
+    assert on_disk == scope.last_report.to_dict()
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    first = scope.history.losses[0][1]
+    assert f"{first:.3g}"[:4] in result.output  # the loss curve came from the summary beside it
+    as_json = CliRunner().invoke(cli, ["report", str(tmp_path), "--json"])
+    assert _json.loads(as_json.output) == on_disk

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.errors import UsageError
-from gradscope.scope import GradscopeWarning
+from gradscope.errors import GradscopeWarning, UsageError
 
 
 def _model() -> nn.Module:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from gradscope_cli.main import cli
 from torch import nn
 
 import gradscope
+from gradscope_cli.main import cli
 
 
 def run(*args: str):

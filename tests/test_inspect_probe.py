@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from gradscope_cli.main import cli
 from torch import nn
 
 import gradscope
 from gradscope.checkpoint import probe
 from gradscope.errors import UsageError
+from gradscope_cli.main import cli
 
 MODELS = '''
 import torch

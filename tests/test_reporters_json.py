@@ -1,4 +1,4 @@
-"""gradscope.json: the contract's Report.to_dict() plus the run summary, replaced atomically."""
+"""gradscope.json: exactly the contract's Report.to_dict(), the run summary beside it, replaced atomically."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from gradscope.findings import Finding, Report
 from gradscope.reporters import json as json_reporter
 from gradscope.reporters._safe import ReportingWarning
 from gradscope.reporters._values import as_float
-from gradscope.reporters.json import JSON_NAME, read_document, write_json
+from gradscope.reporters.json import JSON_NAME, SUMMARY_NAME, read_document, read_summary, write_json
 
 FINDING = Finding("exploding_gradient", "critical", "fc2", 7, "Gradient at fc2 grew 1e4x.", "Clip gradients.",
                   {"growth": 1e4})
@@ -28,11 +28,13 @@ def test_writes_report_dict_and_summary(tmp_path: Path) -> None:
     assert write_json(_report(), path, summary=summary)
     text = path.read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
-    assert {k: data[k] for k in ("version", "steps", "findings", "layers")} == _report().to_dict()
-    assert data["summary"] == {"loss_first": 2.0, "loss_last": "nan", "lrs": [1e-3, "inf"]}
-    assert as_float(data["summary"]["loss_last"]) != as_float(data["summary"]["loss_last"])  # NaN back
+    assert data == _report().to_dict()  # the report file is exactly the contract's dict
+    side = json.loads((tmp_path / SUMMARY_NAME).read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert side == {"loss_first": 2.0, "loss_last": "nan", "lrs": [1e-3, "inf"]}
+    assert read_summary(path) == side
+    assert as_float(side["loss_last"]) != as_float(side["loss_last"])  # NaN back
     assert Report.from_dict(read_document(path)).findings == [FINDING]
-    assert os.listdir(tmp_path) == [JSON_NAME]  # no temporary file left behind
+    assert set(os.listdir(tmp_path)) == {JSON_NAME, SUMMARY_NAME}  # no temporary file left behind
 
 
 def test_replaces_atomically_and_keeps_the_old_file_when_the_swap_fails(

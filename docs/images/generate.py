@@ -24,11 +24,11 @@ import urllib.request
 from pathlib import Path
 
 import torch
-from gradscope_cli.demo_cmd import show_demo
 from rich.console import Console
 
 from gradscope.findings import Report
 from gradscope.reporters.terminal import render_report
+from gradscope_cli.demo_cmd import show_demo
 
 HERE = Path(__file__).resolve().parent
 WIDTH = 100

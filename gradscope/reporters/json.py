@@ -1,4 +1,6 @@
-"""``gradscope.json``: ``Report.to_dict()`` (plus the run summary), replaced atomically.
+"""``gradscope.json``: exactly ``Report.to_dict()``, replaced atomically; the run summary (loss curve,
+learning-rate schedule) goes beside it in ``gradscope-summary.json`` so the report file stays the
+contract's shape.
 
 A reader (``gradscope report``, a dashboard, a CI job) never sees a half-written file: the new content
 goes to a temporary file in the same directory, then ``os.replace`` swaps it in, which is atomic on
@@ -17,27 +19,26 @@ from typing import Any
 from ..findings import Report
 from ._safe import WriteGuard
 
-#: The file name inside a run's log_dir.
+#: The file names inside a run's log_dir.
 JSON_NAME = "gradscope.json"
+SUMMARY_NAME = "gradscope-summary.json"
 
 # One guard per target file: a failing path warns once, however many reports the run makes.
 _guards: dict[str, WriteGuard] = {}
 
 
-def report_document(report: Report, summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What gradscope.json holds: the contract's ``Report.to_dict()``, and ``"summary"`` when given."""
-    doc = report.to_dict()
-    if summary:
-        doc["summary"] = _json_safe(summary)
-    return doc
-
-
 def write_json(report: Report, path: str | os.PathLike[str], summary: dict[str, Any] | None = None) -> bool:
-    """Atomically write the report to ``path``; on OSError warn once (per path) and return False."""
+    """Atomically write ``report.to_dict()`` to ``path`` (and ``summary`` to gradscope-summary.json beside
+    it); on OSError warn once (per path) and return False."""
     target = os.path.abspath(os.fspath(path))
     guard = _guards.setdefault(target, WriteGuard(f"the report to {target}"))
-    text = json.dumps(report_document(report, summary), indent=2, allow_nan=False)
-    return guard.run(lambda: _replace(target, text)) is not None
+    text = json.dumps(report.to_dict(), indent=2, allow_nan=False)
+    written = guard.run(lambda: _replace(target, text)) is not None
+    if written and summary:
+        side = os.path.join(os.path.dirname(target), SUMMARY_NAME)
+        side_text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+        written = guard.run(lambda: _replace(side, side_text)) is not None
+    return written
 
 
 def _replace(target: str, text: str) -> bool:
@@ -80,3 +81,14 @@ def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("not a gradscope report")
     return data
+
+
+def read_summary(report_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The run summary beside a gradscope.json, if there is a readable one (it is optional)."""
+    side = os.path.join(os.path.dirname(os.path.abspath(os.fspath(report_path))), SUMMARY_NAME)
+    try:
+        with open(side, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -66,15 +66,34 @@ def layer_summary(history: History, window: int = SUMMARY_WINDOW) -> dict[str, d
     return out
 
 
-def run_summary(history: History) -> dict[str, Any]:
-    """Run-level context: steps, the loss at start and end, the learning rates of the last collected step."""
+def _thin(points: list, n: int) -> list:
+    """At most n points spread evenly over a curve, always keeping the first and the last."""
+    if len(points) <= n:
+        return list(points)
+    idx = sorted({round(i * (len(points) - 1) / (n - 1)) for i in range(n)})
+    return [points[i] for i in idx]
+
+
+def run_summary(history: History, curve_points: int = 40) -> dict[str, Any]:
+    """Run-level context: the loss curve and the learning-rate schedule, thinned for display."""
     losses = list(history.losses)
+    finite = [v for _, v in losses if math.isfinite(v)]
+    records = list(history.records)
     last = history.last
+    groups = max((len(r.lrs) for r in records), default=0)
+    lr_curves = [
+        [[r.step, r.lrs[g]] for r in _thin([r for r in records if len(r.lrs) > g], curve_points)]
+        for g in range(groups)
+    ]
     return {
         "steps": history.steps_seen,
-        "collected": len(history.records),
+        "collected": len(records),
         "loss_first": losses[0][1] if losses else None,
         "loss_last": losses[-1][1] if losses else None,
+        "loss_min": min(finite) if finite else None,
+        "loss_curve": [[s, v] for s, v in _thin(losses, curve_points)],
+        "lrs_first": list(history.first.lrs) if history.first is not None else [],
         "lrs": list(last.lrs) if last is not None else [],
+        "lr_curves": lr_curves,
         "skipped_steps": history.skipped_total,
     }
