@@ -6,8 +6,9 @@ the caller passes ``trust_pickle=True``: ``torch.load(weights_only=True)`` refus
 files it refuses are only *parsed* (``pickletools``), never loaded, to say why.
 
 Memory: files are memory-mapped and read one tensor at a time. Pages of a mapping that have been read
-stay resident (and count in RSS) until the mapping goes, so readers re-open their file after every
-``WINDOW_BYTES`` of tensors read; peak memory is then about the window plus the largest tensor.
+stay resident (and count in RSS) until the mapping goes, so readers re-open their file before the
+tensors read through one mapping would exceed ``WINDOW_BYTES``; resident pages then stay near the
+larger of the window and the largest tensor.
 """
 
 from __future__ import annotations
@@ -188,14 +189,15 @@ class _TorchFile:
             self._cached = None  # let the mapping go once this window's tensors are dropped
         touched = 0
         for key in keys:
-            tensor = state[key]
-            yield key, tensor
-            touched += _nbytes(tensor)
-            del tensor
-            if reloadable and touched >= WINDOW_BYTES:
-                state = {}
+            size = _nbytes(state[key])
+            if reloadable and touched and touched + size > WINDOW_BYTES:
+                state = {}  # drop the old mapping first: resident pages stay near max(window, tensor)
                 state = self._load()
                 touched = 0
+            tensor = state[key]
+            yield key, tensor
+            del tensor
+            touched += size
 
 
 def _torch_load(path: Path, trust_pickle: bool, mmap: bool) -> Any:
@@ -381,18 +383,20 @@ class _SafetensorsFile:
             f = handle.__enter__()
             touched = 0
             for key in keys:
+                size = sizes.get(key, 0)
+                if touched and touched + size > WINDOW_BYTES:  # re-open: closing unmaps the pages read so far
+                    handle.__exit__(None, None, None)
+                    handle = f = None
+                    handle = _safe_open(self.path)
+                    f = handle.__enter__()
+                    touched = 0
                 try:
                     tensor = f.get_tensor(key)
                 except Exception as exc:
                     raise CheckpointError(f"{self.path}: cannot read tensor {key}: {_first_line(exc)}") from None
                 yield key, tensor
                 del tensor
-                touched += sizes.get(key, 0)
-                if touched >= WINDOW_BYTES:  # re-open: closing unmaps the pages read so far
-                    handle.__exit__(None, None, None)
-                    handle = _safe_open(self.path)
-                    f = handle.__enter__()
-                    touched = 0
+                touched += size
         finally:
             handle.__exit__(None, None, None)
 
