@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -33,14 +34,14 @@ WORKERS = ("gradscope", "torch.load")
 
 
 def layout(size_gb: float) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a GPT-like model (d=1536) with as many blocks as fit ``size_gb`` of fp32."""
+    """Tensor shapes of a GPT-like model (d=1536) with enough blocks for ``size_gb`` of fp32."""
     d, vocab = 1536, 40000
     block = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
              "attn.proj.weight": (d, d), "attn.proj.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
              "mlp.fc1.weight": (4 * d, d), "mlp.fc1.bias": (4 * d,), "mlp.fc2.weight": (d, 4 * d),
              "mlp.fc2.bias": (d,)}
     per_block = sum(_numel(s) for s in block.values()) * 4
-    blocks = max(1, round((size_gb * 1e9 - vocab * d * 4) / per_block))
+    blocks = max(1, math.ceil((size_gb * 1e9 - vocab * d * 4) / per_block))  # at least size_gb
     shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (vocab, d)}
     for i in range(blocks):
         shapes.update({f"blocks.{i}.{k}": s for k, s in block.items()})
@@ -143,7 +144,8 @@ def main() -> None:
         pt, st = folder / "model.pt", folder / "model.safetensors"
         size = pt.stat().st_size
         print(f"generated {size / 1e9:.2f} GB ({len(layout(args.size_gb))} tensors) + safetensors twin "
-              f"in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs, torch threads default", file=sys.stderr)
+              f"in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs; load average "
+              f"{os.getloadavg()[0]:.1f} before the runs", file=sys.stderr)
         runs = [("plain torch.load", "torch.load", pt), ("gradscope inspect", "gradscope", pt),
                 ("gradscope inspect", "gradscope", st)]
         print("| file | what | cache | seconds | throughput | peak RSS above baseline |")
