@@ -25,6 +25,7 @@ from .findings import Report
 from .hooks import selection
 from .hooks.handles import HandleSet
 from .hooks.outputs import floating
+from .stats.adam import adam_step_rms, is_adam
 from .stats.collector import StepCollector
 from .stats.history import History
 from .stats.params import UpdateProbe, param_batch
@@ -331,10 +332,15 @@ class Scope:
 
     def _on_post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
-            if self._collecting and self._probes and self._collector.params is not None:
+            params = self._collector.params
+            if self._collecting and self._probes and params is not None:
                 names, sq = self._probes.pop().finish()
-                self._collector.params.update_names.extend(names)
-                self._collector.params.update_sq.append(sq)
+                params.update_names.extend(names)
+                params.update_sq.append(sq)
+                if is_adam(opt):  # evidence for update_ratio: Adam's effective per-element step size
+                    names, rms = adam_step_rms(opt, self._param_names)
+                    params.adam_names.extend(names)
+                    params.adam_rms.append(rms)
         except Exception as exc:
             self._warn_once("collect", f"gradscope could not measure the update of step {self._step}: {exc!r}")
         self._stepped.add(id(opt))

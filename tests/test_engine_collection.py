@@ -254,3 +254,19 @@ def test_a_nan_loss_between_collected_steps_is_the_first_nonfinite_event():
                     model.weight.fill_(float("nan"))  # the model itself goes bad at step 5
     event = scope.history.first_nonfinite
     assert (event.step, event.source, event.layer) == (3, "loss", "")
+
+
+def test_adam_effective_step_size_is_recorded_per_parameter():
+    model = nn.Linear(6, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-8)
+    with gradscope.watch(model, optimizer=opt, every=1) as scope:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(5, 6)).pow(2).mean().backward()
+            opt.step()
+    beta2 = opt.param_groups[0]["betas"][1]
+    for name, p in model.named_parameters():
+        state = opt.state[p]
+        v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+        expected = (1e-2 / (v_hat.sqrt() + 1e-8)).pow(2).mean().sqrt().item()
+        assert scope.history.last.params[name].adam_step_rms == pytest.approx(expected, rel=1e-4)

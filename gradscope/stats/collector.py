@@ -51,6 +51,8 @@ class ParamBatch:
     sharded: bool = False  # FSDP: local shards, whose squared norms add up across ranks
     update_names: list[str] = field(default_factory=list)
     update_sq: list[torch.Tensor] = field(default_factory=list)  # one (Q_i,) vector per optimizer step
+    adam_names: list[str] = field(default_factory=list)
+    adam_rms: list[torch.Tensor] = field(default_factory=list)  # RMS of lr / (sqrt(v_hat) + eps), per Adam step
 
 
 class StepCollector:
@@ -206,6 +208,8 @@ class StepCollector:
             pack.put("param", "weight_sq", half, p.weight_sq)
             if p.update_sq:
                 pack.put("param", "update_sq", half, torch.cat([u.reshape(-1) for u in p.update_sq]))
+            if p.adam_rms:  # a per-rank RMS: the largest across ranks (identical for replicated params)
+                pack.put("param", "adam_rms", "max", torch.cat([a.reshape(-1) for a in p.adam_rms]))
         if grad_scale is not None:
             pack.put("scale", "value", "max", grad_scale.detach().float())
         loss_steps = _put_losses(pack, step, losses or [], loss_window, distributed=combiner is not None)
@@ -431,3 +435,7 @@ def _params(record: StepRecord, p: ParamBatch, views: dict, param_lr: dict[str, 
         for name, u in zip(p.update_names, usq, strict=True):
             if name in record.params:
                 record.params[name].update_norm = _sqrt(u)
+    if p.adam_rms:
+        for name, a in zip(p.adam_names, views[("param", "adam_rms", "max")].tolist(), strict=True):
+            if name in record.params:
+                record.params[name].adam_step_rms = a
