@@ -112,12 +112,7 @@ def open_checkpoint(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
         return _open_folder(p, trust_pickle)
     if not p.is_file():
         raise CheckpointError(f"{p}: not a regular file")
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise CheckpointError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    if size == 0:
-        raise CheckpointError(f"{p}: file is empty")
+    _check_readable(p)
     if _is_safetensors(p):
         reader: Any = _SafetensorsFile(p)
         fmt = "safetensors"
@@ -437,8 +432,7 @@ def _open_sharded(index: Path, trust_pickle: bool) -> Checkpoint:
         path = index.parent / shard
         if not path.is_file():
             raise CheckpointError(f"{index}: shard {shard} listed in the index is missing")
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"{path}: file is empty")
+        _check_readable(path)
         reader: Any = _SafetensorsFile(path) if _is_safetensors(path) else _TorchFile(path, trust_pickle)
         meta.update(getattr(reader, "meta", {}))
         available = {e.key: e for e in reader.entries()}
@@ -456,6 +450,17 @@ def _open_sharded(index: Path, trust_pickle: bool) -> Checkpoint:
 
 
 # --- helpers ----------------------------------------------------------------------------------------
+
+
+def _check_readable(path: Path) -> None:
+    """Fail early, in one line, on a file that cannot be opened or is empty."""
+    try:
+        with path.open("rb") as f:
+            empty = not f.read(1)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if empty:
+        raise CheckpointError(f"{path}: file is empty")
 
 
 def _nbytes(t: torch.Tensor) -> int:
