@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import Thresholds
 from ..findings import Finding, Kind, Severity
+from .loading import PROGRESS_KEYS
 from .weights import TensorStats
 
 # Names of normalization modules when no model says what a module is: "bn1", "ln_f", "norm2",
@@ -74,7 +75,7 @@ def _role(layer: Layer, known: str | None) -> str:
 
 def training_evidence(meta: Mapping[str, Any], layers: Mapping[str, Layer]) -> str | None:
     """Why we know the checkpoint comes from training (a step counter, optimizer state), or None."""
-    for key in ("global_step", "epoch", "step", "iteration", "iter", "num_updates"):
+    for key in PROGRESS_KEYS:
         value = meta.get(key)
         if isinstance(value, int) and value > 0:
             return f"{key} {value}"
