@@ -239,3 +239,12 @@ def test_progress_reaches_the_total_and_the_bar_stays_off_stdout(tmp_path, monke
 def test_probe_input_options_need_a_probe(tmp_path):
     torch.save({"w": torch.randn(3)}, tmp_path / "m.pt")
     assert_one_line_error(run(str(tmp_path / "m.pt"), "--input-dtype", "long"), "need --model")
+
+
+def test_reading_on_one_thread_restores_the_thread_count(tmp_path):
+    torch.save({"fc.weight": torch.randn(64, 64)}, tmp_path / "m.pt")
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    gradscope.inspect_checkpoint(tmp_path / "m.pt", progress=lambda done, total: seen.append(torch.get_num_threads()))
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before

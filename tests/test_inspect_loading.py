@@ -15,6 +15,15 @@ from gradscope.errors import CheckpointError
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run as fast on one thread, and on a busy machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
 

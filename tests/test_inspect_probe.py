@@ -17,6 +17,16 @@ from gradscope.checkpoint import probe
 from gradscope.errors import UsageError
 from gradscope_cli.main import cli
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run as fast on one thread, and on a busy machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 MODELS = '''
 import torch
 from torch import nn

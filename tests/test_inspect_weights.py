@@ -14,6 +14,15 @@ from gradscope.checkpoint import rules
 from gradscope.checkpoint.weights import spectral_norm, split_name, tensor_stats
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run as fast on one thread, and on a busy machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def analyze(state: dict[str, torch.Tensor], meta: dict | None = None, roles: dict | None = None):
     stats = [tensor_stats(k, v) for k, v in state.items()]
     return rules.analyze(stats, Thresholds(), meta or {}, roles)
