@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import analyzers, distributed
-from .config import DEFAULT_EVERY, DEFAULT_HISTORY, Thresholds
+from .config import DEFAULT_EVERY, DEFAULT_HISTORY, Thresholds, schedule_for
 from .errors import AlreadyWatchedError, GradscopeWarning, UsageError
 from .findings import Report
 from .hooks import selection
@@ -63,6 +63,7 @@ class _Watched:
     want_units: bool  # per-unit alive masks: where outputs can be exactly zero
     elementwise: bool
     order: int = -1
+    grad_hook: Any = None  # made once: registered on this module's outputs on every collected step
 
 
 class Scope:
@@ -73,7 +74,7 @@ class Scope:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
         log_dir: str | os.PathLike[str] | None = None,
-        every: int = DEFAULT_EVERY,
+        every: int | None = DEFAULT_EVERY,
         console: Any = False,
         thresholds: Thresholds | None = None,
         *,
@@ -92,7 +93,8 @@ class Scope:
         self.optimizers: list[torch.optim.Optimizer] = (
             [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         )
-        self.every = int(every)
+        self.every = every
+        self.schedule = schedule_for(every)
         self.thresholds = thresholds or Thresholds()
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.console = console
@@ -103,6 +105,7 @@ class Scope:
         self._collector = StepCollector()
         self._step = 0  # index of the training step in progress
         self._collecting = True  # step 0 is always collected
+        self._last_collected = 0
         self._next_order = 0
         self._last_units: tuple[torch.Size, int] | None = None
         self._losses: list[tuple[int, torch.Tensor | float]] = []
@@ -145,8 +148,7 @@ class Scope:
                 raise UsageError(
                     f"optimizer must be a torch.optim.Optimizer or a list of them, got {type(opt).__name__}"
                 )
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise UsageError(f"every must be an int >= 1 (collect every N-th step), got {every!r}")
+        schedule_for(every)
         if thresholds is not None and not isinstance(thresholds, Thresholds):
             raise UsageError(f"thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
@@ -221,6 +223,7 @@ class Scope:
                 want_units=role == "relu",
                 elementwise=isinstance(module, selection.ELEMENTWISE),
             )
+            w.grad_hook = _eager(functools.partial(self._on_grad, name))
             self._watched[module] = w
             self._handles.keep(module.register_forward_hook(_eager(functools.partial(self._on_forward, w))))
             if role == "norm":
@@ -261,8 +264,7 @@ class Scope:
             if t.requires_grad:
                 # A tensor hook, not a module backward hook: it survives in-place ops on the output and
                 # sees the gradient with respect to the value this module produced.
-                hook = _eager(functools.partial(self._on_grad, w.name))
-                self._handles.keep_for_step(t.register_hook(hook))
+                self._handles.keep_for_step(t.register_hook(w.grad_hook))
 
     def _on_grad(self, name: str, grad: torch.Tensor) -> None:
         if self._collecting and grad is not None:
@@ -391,7 +393,7 @@ class Scope:
         self._stepped.clear()
         self._step += 1
         self.history.steps_seen = self._step
-        self._collecting = self._step % self.every == 0
+        self._collecting = self.schedule(self._step)
 
     def _finish_record(self, skipped: bool = False) -> None:
         if self._collector.params is None:
@@ -401,7 +403,7 @@ class Scope:
         record, losses = self._collector.flush(
             self._step,
             losses=self._losses,
-            loss_window=self.every,
+            loss_window=self._step - self._last_collected,
             lrs=lrs,
             param_lr=param_lr,
             grad_scale=self._grad_scale(),
@@ -418,6 +420,7 @@ class Scope:
         # Losses of earlier, uncollected steps first: a NaN loss at step 25 precedes a NaN output at step 30.
         self._record_losses(losses, pending=record)
         self.history.add(record)
+        self._last_collected = self._step
         self._write(record)
 
     def _flush_losses(self) -> None:
@@ -574,7 +577,7 @@ class Scope:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"Scope({type(self.model).__name__}, step={self._step}, every={self.every}, {state})"
+        return f"Scope({type(self.model).__name__}, step={self._step}, {self.schedule.describe()}, {state})"
 
 
 def _patch_scaler_update(scaler: Any, callback: Any) -> Any:
@@ -599,7 +602,7 @@ def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
     log_dir: str | os.PathLike[str] | None = None,
-    every: int = DEFAULT_EVERY,
+    every: int | None = DEFAULT_EVERY,
     console: Any = False,
     thresholds: Thresholds | None = None,
     **options: Any,

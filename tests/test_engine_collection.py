@@ -270,3 +270,19 @@ def test_adam_effective_step_size_is_recorded_per_parameter():
         v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
         expected = (1e-2 / (v_hat.sqrt() + 1e-8)).pow(2).mean().sqrt().item()
         assert scope.history.last.params[name].adam_step_rms == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_default_schedule_is_dense_early_and_sparse_later():
+    from gradscope.config import Schedule
+
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradscope.watch(model, optimizer=opt) as scope:
+        for _ in range(301):
+            opt.zero_grad()
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+    steps = [r.step for r in scope.history.records]
+    assert steps == list(range(0, 200, 10)) + [200, 250, 300]
+    assert scope.schedule == Schedule(10, 200, 50)
+    assert [s for s in range(12) if Schedule(3, 0, 3)(s)] == [0, 3, 6, 9]

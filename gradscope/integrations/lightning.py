@@ -42,7 +42,7 @@ except ImportError:  # the older package name ships the same API
             "gradscope.integrations.lightning needs PyTorch Lightning: pip install lightning"
         ) from exc
 
-from ..config import DEFAULT_EVERY, Thresholds
+from ..config import DEFAULT_EVERY, Thresholds, schedule_for
 from ..errors import UsageError
 from ..findings import Report
 from ..scope import Scope, watch
@@ -57,7 +57,8 @@ class GradscopeCallback(pl.Callback):
     """Watches the LightningModule's gradient flow for the length of ``trainer.fit``.
 
     Args:
-        every: collect statistics on every N-th optimizer step (as in :func:`gradscope.watch`).
+        every: collect statistics on every N-th optimizer step; None: the default schedule (as in
+            :func:`gradscope.watch`).
         thresholds: analyzer thresholds, a :class:`gradscope.Thresholds`.
         log_dir: where gradscope writes TensorBoard events and ``gradscope.json``. ``None`` (default): the
             ``gradscope`` sub-folder of the Trainer's first TensorBoard logger, or no files without one.
@@ -70,15 +71,14 @@ class GradscopeCallback(pl.Callback):
 
     def __init__(
         self,
-        every: int = DEFAULT_EVERY,
+        every: int | None = DEFAULT_EVERY,
         thresholds: Thresholds | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         console: Any = False,
         **watch_options: Any,
     ) -> None:
         # Validate here, not at fit start: a typo should fail before a long job sets itself up.
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise UsageError(f"every must be an int >= 1 (collect every N-th step), got {every!r}")
+        schedule_for(every)  # the same validation and message as watch()
         if thresholds is not None and not isinstance(thresholds, Thresholds):
             raise UsageError(f"thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):

@@ -39,7 +39,7 @@ except ImportError as exc:
         "gradscope.integrations.transformers needs Hugging Face transformers: pip install transformers accelerate"
     ) from exc
 
-from ..config import DEFAULT_EVERY, Thresholds
+from ..config import DEFAULT_EVERY, Thresholds, schedule_for
 from ..errors import UsageError
 from ..findings import Report
 from ..scope import Scope, watch
@@ -54,7 +54,8 @@ class GradscopeCallback(TrainerCallback):
     """Watches the model's gradient flow for the length of ``Trainer.train()``.
 
     Args:
-        every: collect statistics on every N-th optimizer step (as in :func:`gradscope.watch`).
+        every: collect statistics on every N-th optimizer step; None: the default schedule (as in
+            :func:`gradscope.watch`).
         thresholds: analyzer thresholds, a :class:`gradscope.Thresholds`.
         log_dir: where gradscope writes TensorBoard events and ``gradscope.json``. ``None`` (default):
             ``<output_dir>/gradscope`` when ``"tensorboard"`` is in ``args.report_to``, else no files.
@@ -67,15 +68,14 @@ class GradscopeCallback(TrainerCallback):
 
     def __init__(
         self,
-        every: int = DEFAULT_EVERY,
+        every: int | None = DEFAULT_EVERY,
         thresholds: Thresholds | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         console: Any = False,
         **watch_options: Any,
     ) -> None:
         # Validate here, not at train start: a typo should fail before a long job sets itself up.
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise UsageError(f"every must be an int >= 1 (collect every N-th step), got {every!r}")
+        schedule_for(every)  # the same validation and message as watch()
         if thresholds is not None and not isinstance(thresholds, Thresholds):
             raise UsageError(f"thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
