@@ -367,7 +367,9 @@ class Scope:
         if self.closed:
             return
         if loss is not None:
-            value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+            # clone(): a reduction's 0-d result can share a large storage (mse_loss's on the CPU holds
+            # 256 KiB); kept until the next collected step, a bare detach() would keep all of that alive.
+            value = loss.detach().clone() if isinstance(loss, torch.Tensor) else float(loss)
             if isinstance(value, torch.Tensor) and value.numel() != 1:
                 raise UsageError(f"step(loss=...) needs a scalar loss, got a tensor of shape {tuple(value.shape)}")
             # With an optimizer the step already ended at optimizer.step(): the loss belongs to it.

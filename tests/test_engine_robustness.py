@@ -388,3 +388,19 @@ def test_a_collected_step_without_any_gradient_does_not_break_training():
     assert scope.history.steps_seen == 2
     assert scope.history.records[0].params["weight"].grad_norm is None
     assert scope.last_report is not None and scope.last_report.steps == 2
+
+
+def test_pending_losses_keep_no_large_storage_alive():
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(model, optimizer=opt, every=1000) as scope:
+        for _ in range(20):
+            loss = nn.functional.mse_loss(model(torch.randn(128, 64)), torch.randn(128, 64))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            scope.step(loss)
+        pending = [v for _, v in scope._losses]
+        assert len(pending) == 20
+        # each loss waits for the next collected step as its own few bytes, not its producer's buffer
+        assert all(v.untyped_storage().nbytes() <= 8 for v in pending)
