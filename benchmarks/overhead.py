@@ -7,6 +7,7 @@ the mean step time over the same number of steps, then the median over rounds is
     python benchmarks/overhead.py                 # all models, CPU
     python benchmarks/overhead.py --device cuda   # the same on a GPU (also counts host-device syncs)
     python benchmarks/overhead.py --models mlp --rounds 5
+    python benchmarks/overhead.py --ddp             # 2-process DDP on CPU (gloo) vs plain DDP
 """
 
 from __future__ import annotations
@@ -104,13 +105,23 @@ MODELS = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
 
 
 # --- one measurement, in its own process ---------------------------------------------------------------
-def worker(model_name: str, mode: str, steps: int, warmup: int, device: str, seed: int) -> dict:
+def worker(model_name: str, mode: str, steps: int, warmup: int, device: str, seed: int) -> dict | None:
     import gradscope
 
+    distributed = "WORLD_SIZE" in os.environ  # started by torchrun: one rank of a DDP job
+    rank = 0
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
     torch.manual_seed(seed)
     model, make_batch = MODELS[model_name]()
     model.to(device)
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    torch.manual_seed(seed + 1000 * rank)  # each rank its own data
     batches = [make_batch(device) for _ in range(4)]  # made before timing: not part of a step
     if model_name == "gpt":
         loss_fn = lambda out, y: nn.functional.cross_entropy(out.flatten(0, 1), y.flatten())  # noqa: E731
@@ -161,6 +172,11 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, device: str, see
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank != 0:
+            return None
     return {"times": times, "peak_mib": peak, "syncs_ok": syncs_ok}
 
 
@@ -169,8 +185,14 @@ def measure(model_name: str, mode: str, args: argparse.Namespace, seed: int) -> 
         sys.executable, __file__, "--worker", model_name, mode,
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--seed", str(seed),
     ]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    env = {**os.environ}
+    if args.ddp:  # two ranks on this machine's two cores, one thread each, gloo
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        cmd = launcher + cmd[1:]
+        env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.strip().splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -181,13 +203,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ddp", action="store_true", help="2-process DistributedDataParallel (gloo, CPU)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps, args.warmup, args.device, args.seed)))
+        result = worker(*args.worker, args.steps, args.warmup, args.device, args.seed)
+        if result is not None:
+            print(json.dumps(result), flush=True)
         return
 
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+    setup = "2-process DDP (gloo), 1 thread per rank" if args.ddp else f"threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, device {args.device}, {setup}, "
           f"{args.rounds} rounds x {args.steps} steps, modes run interleaved, one process each")  # fmt: skip
     rows = []
     for model_name in args.models.split(","):

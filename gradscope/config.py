@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 from .errors import UsageError
@@ -45,6 +46,15 @@ def schedule_for(every: int | Schedule | None) -> Schedule:
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise UsageError(f"every must be an int >= 1 (collect every N-th step) or None, got {every!r}")
     return Schedule(dense=every, until=0, sparse=every)
+
+
+def validate_options(every: object, thresholds: object, log_dir: object) -> None:
+    """The checks watch() and the framework callbacks share, so a typo fails before a long job starts."""
+    schedule_for(every)  # type: ignore[arg-type]
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise UsageError(f"thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
+    if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+        raise UsageError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
 
 
 @dataclass

@@ -11,7 +11,6 @@ import functools
 import os
 import warnings
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,13 @@ import torch
 from torch import nn
 
 from . import analyzers, distributed
-from .config import DEFAULT_EVERY, DEFAULT_HISTORY, Thresholds, schedule_for
+from .config import DEFAULT_EVERY, DEFAULT_HISTORY, Thresholds, schedule_for, validate_options
 from .errors import AlreadyWatchedError, GradscopeWarning, UsageError
 from .findings import Report
 from .hooks import selection
+from .hooks.capture import ModuleHooks
 from .hooks.handles import HandleSet
-from .hooks.outputs import floating
+from .hooks.optimizer import after_first_call, closure_of, patch_scaler_update, with_closure
 from .stats.adam import adam_step_rms, is_adam
 from .stats.collector import StepCollector
 from .stats.history import History
@@ -35,35 +35,8 @@ from .stats.summary import layer_summary, run_summary
 # Every module currently watched by an open scope (weak: a deleted model frees its entry).
 _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-# Pure containers only route tensors: their outputs repeat their last child's, so they are not measured.
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-# Evaluation forwards measured per normalization layer between two collected steps (bounds eval cost).
-_EVAL_BATCHES = 8
-
 # Pending loss values kept on the device before a transfer is forced (bounds memory when every is huge).
 _MAX_PENDING_LOSSES = 4096
-
-
-def _eager(fn: Any) -> Any:
-    """Hooks run eagerly even inside torch.compile: dynamo breaks the graph around them instead of
-    tracing gradscope's bookkeeping into it, so the statistics are those of the real tensors."""
-    disable = getattr(torch.compiler, "disable", None)
-    return disable(fn, recursive=True) if disable is not None else fn
-
-
-@dataclass
-class _Watched:
-    """What the hooks need to know about one module, resolved once at watch() time."""
-
-    name: str
-    role: str
-    band: tuple[float, float] | None
-    count_neg: bool  # relu-like outputs are never negative: skip counting
-    want_units: bool  # per-unit alive masks: where outputs can be exactly zero
-    elementwise: bool
-    order: int = -1
-    grad_hook: Any = None  # made once: registered on this module's outputs on every collected step
 
 
 class Scope:
@@ -104,10 +77,7 @@ class Scope:
         self._handles = HandleSet()
         self._collector = StepCollector()
         self._step = 0  # index of the training step in progress
-        self._collecting = True  # step 0 is always collected
         self._last_collected = 0
-        self._next_order = 0
-        self._last_units: tuple[torch.Size, int] | None = None
         self._losses: list[tuple[int, torch.Tensor | float]] = []
         self._stepped: set[int] = set()  # ids of optimizers that stepped in the current step
         self._probes: list[UpdateProbe] = []
@@ -116,7 +86,6 @@ class Scope:
         self._ended_since_update = False
         self.last_report: Report | None = None  # the latest report(), also the final one after close()
 
-        self._watched: dict[nn.Module, _Watched] = {}
         self._named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         self._param_ids = {n: i for i, n in self._param_names.items()}
@@ -127,6 +96,7 @@ class Scope:
             has_optimizer=bool(self.optimizers),
             optimizer_types=[type(o).__name__ for o in self.optimizers],
         )
+        self._modules = ModuleHooks(self._collector, self._handles, self.history.layers, self.histograms)
         for m in model.modules():
             _WATCHED.add(m)
         try:
@@ -148,11 +118,7 @@ class Scope:
                 raise UsageError(
                     f"optimizer must be a torch.optim.Optimizer or a list of them, got {type(opt).__name__}"
                 )
-        schedule_for(every)
-        if thresholds is not None and not isinstance(thresholds, Thresholds):
-            raise UsageError(f"thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
-        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-            raise UsageError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
+        validate_options(every, thresholds, log_dir)
         if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise UsageError(f"history must be an int >= 1, got {history!r}")
         if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
@@ -166,9 +132,6 @@ class Scope:
                 "this model (or one of its modules) is already watched by an open gradscope scope; "
                 "close() that scope first, or watch the model once"
             )
-
-    def _measured(self) -> list[tuple[str, nn.Module]]:
-        return [(n, m) for n, m in self.model.named_modules() if not isinstance(m, _CONTAINERS)]
 
     def _layer_infos(self) -> dict[str, LayerInfo]:
         infos: dict[str, LayerInfo] = {}
@@ -213,110 +176,41 @@ class Scope:
         return groups
 
     def _install(self) -> None:
-        for name, module in self._measured():
-            role = selection.role_of(module)
-            w = _Watched(
-                name=name,
-                role=role,
-                band=selection.band_for(module) if role == "saturating" else None,
-                count_neg=role != "relu",
-                want_units=role == "relu",
-                elementwise=isinstance(module, selection.ELEMENTWISE),
-            )
-            w.grad_hook = _eager(functools.partial(self._on_grad, name))
-            self._watched[module] = w
-            self._handles.keep(module.register_forward_hook(_eager(functools.partial(self._on_forward, w))))
-            if role == "norm":
-                pre = _eager(functools.partial(self._on_norm_input, w))
-                self._handles.keep(module.register_forward_pre_hook(pre))
+        self._modules.install(self.model)
         for opt in self.optimizers:
             self._handles.keep(opt.register_step_pre_hook(self._on_pre_step))
             self._handles.keep(opt.register_step_post_hook(self._on_post_step))
         if self.scaler is not None:
-            self._handles.keep(_patch_scaler_update(self.scaler, self._on_scaler_update))
+            self._handles.keep(patch_scaler_update(self.scaler, self._on_scaler_update))
 
-    # --- hooks ----------------------------------------------------------------------------------------
-    def _on_forward(self, w: _Watched, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not self._collecting or not torch.is_grad_enabled():
-            return  # non-collected steps and evaluation forwards cost one attribute read
-        if torch._C._current_graph_task_id() != -1:
-            return  # activation checkpointing re-runs forwards inside backward: already measured
-        if w.order < 0:
-            w.order = self._next_order
-            self._next_order += 1
-            self.history.layers[w.name].order = w.order
-        tensors = floating(output)
-        for i, t in enumerate(tensors):
-            unit = None
-            if i == 0:
-                inherited = None
-                if w.elementwise and self._last_units is not None and self._last_units[0] == t.shape:
-                    inherited = self._last_units[1]
-                dim = selection.unit_dim(module, t.dim(), inherited)
-                if dim is not None:
-                    self._last_units = (t.shape, dim)
-                unit = dim if w.want_units else None
-            if t.is_complex():
-                continue
-            self._collector.add_activation(
-                w.name, t, band=w.band, count_neg=w.count_neg, unit_dim=unit, sample=self.histograms
-            )
-            if t.requires_grad:
-                # A tensor hook, not a module backward hook: it survives in-place ops on the output and
-                # sees the gradient with respect to the value this module produced.
-                self._handles.keep_for_step(t.register_hook(w.grad_hook))
+    @property
+    def _collecting(self) -> bool:
+        return self._modules.collecting
 
-    def _on_grad(self, name: str, grad: torch.Tensor) -> None:
-        if self._collecting and grad is not None:
-            self._collector.add_grad(name, grad, sample=self.histograms)
-
-    def _on_norm_input(self, w: _Watched, module: nn.Module, inputs: Any) -> None:
-        training = torch.is_grad_enabled()
-        if training:
-            if not self._collecting or torch._C._current_graph_task_id() != -1:
-                return
-        else:
-            seen = self._collector.eval_norms.get(w.name)
-            if seen is not None and seen.calls >= _EVAL_BATCHES:
-                return
-        x = inputs[0] if isinstance(inputs, tuple) and inputs else inputs
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 0:
-            self._collector.add_norm_input(w.name, module, x, training=training)
-
+    # --- optimizer hooks ------------------------------------------------------------------------------
     def _on_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         try:
             if id(opt) in self._stepped:
                 self._end_step()  # the same optimizer stepped again: the previous step is over
             if not self._collecting:
                 return None
-            # The hook's args are step()'s, with the optimizer itself first: (opt, closure?).
-            pos = 1 if args and args[0] is opt else 0
-            closure = kwargs["closure"] if "closure" in kwargs else (args[pos] if len(args) > pos else None)
+            closure, pos = closure_of(opt, args, kwargs)
             if callable(closure):
                 # step(closure) (LBFGS, Lightning) runs forward and backward inside step(): the gradients
                 # exist only once the closure has run, so read them right after its first call.
-                wrapped = self._after_first_call(closure, functools.partial(self._snapshot, opt))
-                if "closure" in kwargs:
-                    return args, {**kwargs, "closure": wrapped}
-                return (*args[:pos], wrapped, *args[pos + 1 :]), kwargs
+                snapshot = self._guarded(functools.partial(self._snapshot, opt))
+                return with_closure(args, kwargs, pos, after_first_call(closure, snapshot))
             self._snapshot(opt)
         except Exception as exc:  # statistics must never break training
             self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
         return None
 
-    def _after_first_call(self, closure: Any, then: Any) -> Any:
-        done = False
-
-        def run(*a: Any, **k: Any) -> Any:
-            nonlocal done
-            result = closure(*a, **k)
-            if not done:
-                done = True
-                try:
-                    then()
-                except Exception as exc:
-                    self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
-            return result
+    def _guarded(self, fn: Any) -> Any:
+        def run() -> None:
+            try:
+                fn()
+            except Exception as exc:
+                self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
 
         return run
 
@@ -395,7 +289,7 @@ class Scope:
         self._stepped.clear()
         self._step += 1
         self.history.steps_seen = self._step
-        self._collecting = self.schedule(self._step)
+        self._modules.collecting = self.schedule(self._step)
 
     def _finish_record(self, skipped: bool = False) -> None:
         if self._collector.params is None:
@@ -580,24 +474,6 @@ class Scope:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"Scope({type(self.model).__name__}, step={self._step}, {self.schedule.describe()}, {state})"
-
-
-def _patch_scaler_update(scaler: Any, callback: Any) -> Any:
-    """Wrap ``scaler.update`` on this one instance; the returned handle restores it (close() calls it)."""
-    original = scaler.update
-
-    def update(*args: Any, **kwargs: Any) -> Any:
-        callback()
-        return original(*args, **kwargs)
-
-    scaler.update = update
-
-    class _Restore:
-        def remove(self) -> None:
-            if scaler.__dict__.get("update") is update:
-                del scaler.update  # the class's method shows through again
-
-    return _Restore()
 
 
 def watch(

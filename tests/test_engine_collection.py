@@ -283,6 +283,6 @@ def test_the_default_schedule_is_dense_early_and_sparse_later():
             model(torch.randn(2, 4)).sum().backward()
             opt.step()
     steps = [r.step for r in scope.history.records]
-    assert steps == list(range(0, 200, 10)) + [200, 250, 300]
+    assert steps == [*range(0, 200, 10), 200, 250, 300]
     assert scope.schedule == Schedule(10, 200, 50)
     assert [s for s in range(12) if Schedule(3, 0, 3)(s)] == [0, 3, 6, 9]

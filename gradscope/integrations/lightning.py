@@ -42,7 +42,7 @@ except ImportError:  # the older package name ships the same API
             "gradscope.integrations.lightning needs PyTorch Lightning: pip install lightning"
         ) from exc
 
-from ..config import DEFAULT_EVERY, Thresholds, schedule_for
+from ..config import DEFAULT_EVERY, Thresholds, validate_options
 from ..errors import UsageError
 from ..findings import Report
 from ..scope import Scope, watch
@@ -78,11 +78,7 @@ class GradscopeCallback(pl.Callback):
         **watch_options: Any,
     ) -> None:
         # Validate here, not at fit start: a typo should fail before a long job sets itself up.
-        schedule_for(every)  # the same validation and message as watch()
-        if thresholds is not None and not isinstance(thresholds, Thresholds):
-            raise UsageError(f"thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
-        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-            raise UsageError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
+        validate_options(every, thresholds, log_dir)  # the same checks and messages as watch()
         self.every = every
         self.thresholds = thresholds
         self.log_dir = log_dir
