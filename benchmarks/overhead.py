@@ -180,6 +180,50 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, device: str, see
     return {"times": times, "peak_mib": peak, "syncs_ok": syncs_ok}
 
 
+def inprocess(model_name: str, blocks: int, steps: int) -> dict:
+    """The cost of one collected step, measured inside one process (no process-to-process noise).
+
+    Blocks of ``steps`` training steps alternate: plain; watched with every=1 (each step collected); and
+    watched with a schedule that never collects after step 0 (the cost hooks add to a non-collected
+    step). Each watched block gets a fresh scope, closed after; step 0 of each block is not timed.
+    """
+    import gradscope
+    from gradscope.config import Schedule
+
+    torch.manual_seed(0)
+    model, make_batch = MODELS[model_name]()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = [make_batch("cpu") for _ in range(4)]
+    if model_name == "gpt":
+        loss_fn = lambda out, y: nn.functional.cross_entropy(out.flatten(0, 1), y.flatten())  # noqa: E731
+    else:
+        loss_fn = nn.functional.mse_loss
+    times: dict[str, list[float]] = {"plain": [], "collected": [], "not collected": []}
+    every = {"plain": None, "collected": 1, "not collected": Schedule(10**9, 0, 10**9)}
+    for b in range(blocks + 1):
+        for mode, sched in every.items():
+            scope = gradscope.watch(model, optimizer=opt, every=sched) if sched is not None else None
+            for i in range(steps + 1):
+                x, y = batches[i % len(batches)]
+                t0 = time.perf_counter()
+                loss = loss_fn(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if scope is not None:
+                    scope.step(loss)
+                if b > 0 and i > 0:  # the first block warms up; step 0 of a scope is always collected
+                    times[mode].append(time.perf_counter() - t0)
+            if scope is not None:
+                scope.close()
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
+    return {
+        "plain_ms": mean["plain"] * 1e3,
+        "collected_extra": mean["collected"] / mean["plain"] - 1,
+        "hooks_extra": mean["not collected"] / mean["plain"] - 1,
+    }
+
+
 def measure(model_name: str, mode: str, args: argparse.Namespace, seed: int) -> dict:
     cmd = [
         sys.executable, __file__, "--worker", model_name, mode,
@@ -204,6 +248,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ddp", action="store_true", help="2-process DistributedDataParallel (gloo, CPU)")
+    parser.add_argument(
+        "--inprocess", action="store_true", help="measure a collected step's cost inside one process"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -212,6 +259,20 @@ def main() -> None:
             print(json.dumps(result), flush=True)
         return
 
+    if args.inprocess:
+        print(f"torch {torch.__version__}, cpu, threads {torch.get_num_threads()}, in one process, "
+              f"{args.rounds} blocks x {args.steps} steps per mode")  # fmt: skip
+        # A step that is not collected only pays hook calls (noise-level here), so every=N costs the
+        # collected step's extra, spread over N steps.
+        print("\n| model | plain ms/step | extra per collected step (= every=1) | extra per other step "
+              "| every=10: 1 + extra/10 | every=50: 1 + extra/50 |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
+        for model_name in args.models.split(","):
+            r = inprocess(model_name, args.rounds, args.steps)
+            c, h = r["collected_extra"], r["hooks_extra"]
+            print(f"| {model_name} | {r['plain_ms']:.1f} | {c:+.1%} | {h:+.2%} | "
+                  f"{1 + c / 10:.3f}x | {1 + c / 50:.3f}x |")  # fmt: skip
+        return
     setup = "2-process DDP (gloo), 1 thread per rank" if args.ddp else f"threads {torch.get_num_threads()}"
     print(f"torch {torch.__version__}, device {args.device}, {setup}, "
           f"{args.rounds} rounds x {args.steps} steps, modes run interleaved, one process each")  # fmt: skip
