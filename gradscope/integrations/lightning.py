@@ -89,27 +89,22 @@ class GradscopeCallback(pl.Callback):
         self._pending: list[torch.Tensor] = []  # losses of the micro-batches of the step in progress
         self._steps_seen = 0
         self._loss_scale = 1
-        self._closure_hooks: list[Any] = []
 
     # --- fit lifetime -------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish()  # a previous fit with this callback that never reached its end
+        # Lightning steps with optimizer.step(closure): gradscope reads the gradients right after the
+        # closure's first call, so the statistics are those of this step's backward.
         optimizers = [_torch_optimizer(o) for o in trainer.optimizers]
-        # Registered before watch() so that they run before gradscope's own step hooks (see below).
-        self._closure_hooks = [o.register_step_pre_hook(_evaluate_closure_first) for o in optimizers]
-        try:
-            self.scope = watch(
-                pl_module,
-                optimizers or None,
-                log_dir=self._resolve_log_dir(trainer),
-                every=self.every,
-                console=self.console,
-                thresholds=self.thresholds,
-                **self.watch_options,
-            )
-        except BaseException:
-            self._remove_closure_hooks()
-            raise
+        self.scope = watch(
+            pl_module,
+            optimizers or None,
+            log_dir=self._resolve_log_dir(trainer),
+            every=self.every,
+            console=self.console,
+            thresholds=self.thresholds,
+            **self.watch_options,
+        )
         self.report = None
         self._pending = []
         self._steps_seen = self.scope.history.steps_seen
@@ -154,18 +149,11 @@ class GradscopeCallback(pl.Callback):
 
     def _finish(self) -> None:
         """Close the scope once and keep its final report; the model is left without any gradscope hook."""
-        self._remove_closure_hooks()
         scope = self.scope
         if scope is None or scope.closed:
             return
         scope.close()
-        # After close() the history is complete; report() then re-reads it without any hook in place.
-        self.report = scope.report()
-
-    def _remove_closure_hooks(self) -> None:
-        for handle in self._closure_hooks:
-            handle.remove()
-        self._closure_hooks = []
+        self.report = scope.last_report  # close() made the final report
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -188,43 +176,3 @@ def _loss_of(outputs: Any) -> torch.Tensor | None:
     if isinstance(outputs, torch.Tensor) and outputs.numel() == 1:
         return outputs
     return None
-
-
-class _Replay:
-    """A closure whose first call returns a result computed earlier; later calls evaluate again (LBFGS)."""
-
-    def __init__(self, closure: Any, result: Any) -> None:
-        self.closure = closure
-        self.result = result
-        self.used = False
-
-    def __call__(self) -> Any:
-        if not self.used:
-            self.used = True
-            return self.result
-        return self.closure()
-
-
-def _evaluate_closure_first(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple | None:
-    """Run ``step(closure)``'s closure before gradscope's step hook instead of inside ``step()``.
-
-    Lightning calls ``optimizer.step(closure=...)`` and its closure runs ``training_step``, ``zero_grad``
-    and ``backward``. gradscope reads the gradients and weights at its step pre-hook, which torch calls
-    before ``step()`` itself runs the closure: it would read the previous step's gradients. Every torch
-    optimizer evaluates the closure first, at unchanged weights, so evaluating it one moment earlier and
-    handing ``step()`` the result for its first call gives the same numbers.
-    """
-    if "closure" in kwargs:
-        closure = kwargs["closure"]
-    elif args:
-        closure = args[0]
-    else:
-        return None
-    if closure is None:
-        return None
-    with torch.enable_grad():  # as torch optimizers call their closure
-        result = closure()
-    replay = _Replay(closure, result)
-    if "closure" in kwargs:
-        return args, {**kwargs, "closure": replay}
-    return (replay, *args[1:]), kwargs

@@ -130,8 +130,7 @@ class GradscopeCallback(TrainerCallback):
         if scope is None or scope.closed:
             return
         scope.close()
-        # After close() the history is complete; report() then re-reads it without any hook in place.
-        self.report = scope.report()
+        self.report = scope.last_report  # close() made the final report
 
     def _resolve_log_dir(self, args: TrainingArguments) -> str | os.PathLike[str] | None:
         if self.log_dir is not None:
