@@ -26,7 +26,7 @@ from .hooks.capture import ModuleHooks
 from .hooks.handles import HandleSet
 from .hooks.optimizer import after_first_call, closure_of, patch_scaler_update, with_closure
 from .stats.adam import adam_step_rms, is_adam
-from .stats.collector import StepCollector
+from .stats.collector import StepCollector, losses_to_host
 from .stats.history import History
 from .stats.params import UpdateProbe, param_batch
 from .stats.records import LayerInfo, ParamInfo, StepRecord
@@ -323,10 +323,7 @@ class Scope:
         """Move pending loss values to the host (one transfer): at report time or when many are pending."""
         if not self._losses or self._combiner is not None:
             return  # distributed: only losses combined across ranks at collected steps, so reports agree
-        tensors = [v for _, v in self._losses if isinstance(v, torch.Tensor)]
-        host = torch.stack([t.float().reshape(()) for t in tensors]).cpu().tolist() if tensors else []
-        it = iter(host)
-        values = [(s, float(next(it)) if isinstance(v, torch.Tensor) else float(v)) for s, v in self._losses]
+        values = losses_to_host(self._losses)
         self._losses = []
         self._record_losses(values)
 

@@ -327,7 +327,8 @@ def _put_losses(
     if not steps:
         return []
     index = {s: i for i, s in enumerate(steps)}
-    device = pack.device() or torch.device("cpu")
+    first_tensor = next((v.device for _, v in losses if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    device = pack.device() or first_tensor  # the losses' own device: no transfer per loss
     values: list[tuple[int, torch.Tensor]] = []
     counts = [0.0] * len(steps)
     host_vals = [0.0] * len(steps)
@@ -346,6 +347,13 @@ def _put_losses(
     pack.put("loss", "values", "sum", vec)
     pack.put("loss", "counts", "sum", torch.tensor(counts, dtype=torch.float32, device=device))
     return steps
+
+
+def losses_to_host(losses: list[tuple[int, torch.Tensor | float]]) -> list[tuple[int, float]]:
+    """Pending (step, loss) pairs as host numbers, in one transfer (report time): the mean per step."""
+    pack = _Pack()
+    steps = _put_losses(pack, 0, losses, 0, distributed=False)
+    return _losses_from(pack.transfer(None), steps)
 
 
 def _losses_from(views: dict, steps: list[int]) -> list[tuple[int, float]]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import is_sharded, local
 from .collector import ParamBatch
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
     # FSDP2 DTensors: only this rank's shard, never a gather (the collector adds squares across ranks).
-    if hasattr(t, "to_local") and hasattr(t, "placements"):
-        t = t.to_local()
+    t = local(t)
     # Sparse gradients (nn.Embedding(sparse=True)) hold their values in a dense side tensor.
     return t.coalesce().values() if t.is_sparse else t
 
@@ -39,7 +39,7 @@ def param_batch(named: list[tuple[str, torch.nn.Parameter]]) -> ParamBatch:
         grad_sq=_sq_norms(grads),  # type: ignore[arg-type]
         has_grad=has_grad,
         weight_sq=_sq_norms([p for _, p in named]),
-        sharded=any(hasattr(p, "placements") for _, p in named),
+        sharded=any(is_sharded(p) for _, p in named),
     )
 
 
