@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from ..config import DEFAULT_HISTORY
 from .records import LayerInfo, ParamInfo, StepRecord
 
+#: Losses kept from the start of a run (see ``History.loss_start``).
+LOSS_START_KEPT = 64
+
 
 @dataclass
 class NonfiniteEvent:
@@ -39,6 +42,9 @@ class History:
     first_nonfinite: NonfiniteEvent | None = field(default=None, init=False)
     ever_grad: set[str] = field(default_factory=set, init=False)  # params that ever received a gradient
     losses: deque[tuple[int, float]] = field(init=False)  # (step, loss) of every step that gave one
+    # The run's first losses, never dropped from the ring: where training began is the baseline that
+    # divergence and the report's "loss first -> last" are measured from.
+    loss_start: list[tuple[int, float]] = field(default_factory=list, init=False)
     skipped_steps: list[int] = field(default_factory=list, init=False)  # bounded: last `capacity`
     skipped_total: int = field(default=0, init=False)
 
@@ -63,6 +69,8 @@ class History:
             self.first_nonfinite = _first_nonfinite(self, record)
 
     def add_loss(self, step: int, loss: float) -> None:
+        if len(self.loss_start) < LOSS_START_KEPT and (not self.loss_start or self.loss_start[-1][0] < step):
+            self.loss_start.append((step, float(loss)))
         if not self.losses or self.losses[-1][0] != step:
             self.losses.append((step, float(loss)))
         else:

@@ -57,6 +57,12 @@ class ActivationStats:
     # Per unit (dim 1 for conv-shaped outputs, last dim otherwise): True if the unit was non-zero for
     # at least one sample this step. None when the output has no unit axis.
     alive: np.ndarray | None = None
+    # One ReLU-like module applied at several widths in a step (a shared ``self.relu``): alive masks per
+    # width, so no mask is dropped. None when the module saw a single width (then ``alive`` holds it).
+    alive_by_width: dict[int, np.ndarray] | None = None
+    # Weighted layers (Linear/Conv): per-unit largest raw output value. A unit whose pre-activation is
+    # never positive is dead behind any rectifier, a functional ``F.relu`` included.
+    unit_max: np.ndarray | None = None
     # A strided sample of output values (at most 1024), only when watch(histograms=True).
     sample: np.ndarray | None = None
 
@@ -74,6 +80,9 @@ class GradStats:
     nan: int
     inf: int
     order: int  # index of this module's first gradient in the step's backward order (0 = first)
+    # Weighted layers (Linear/Conv): per-unit largest |gradient of the output|; exactly zero for units
+    # that a rectifier after them never let through.
+    unit_absmax: np.ndarray | None = None
     sample: np.ndarray | None = None  # strided sample of gradient values, only with histograms=True
 
     @property
