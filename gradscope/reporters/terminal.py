@@ -136,7 +136,7 @@ def _loss_line(s: dict[str, Any]) -> Text | None:
     low = as_float(s.get("loss_min"))
     if low is not None:
         line.append(f" (min {fmt(low)})", style="dim")
-    curve = [as_float(v) for v in s.get("loss_curve") or []]
+    curve = curve_values(s.get("loss_curve"))
     if len(curve) > 1:
         line.append("  ")
         line.append_text(sparkline(curve))
@@ -158,7 +158,7 @@ def _lr_lines(s: dict[str, Any]) -> list[Text]:
         if first is not None and first != last:
             line.append(f"{fmt(first)} → ")
         line.append(fmt(last), style="bold")
-        curve = [as_float(v) for v in curves[g]] if g < len(curves) else []
+        curve = curve_values(curves[g]) if g < len(curves) else []
         if len(curve) > 1 and max((c or 0) for c in curve) > min((c or 0) for c in curve):
             line.append("  ")
             line.append_text(sparkline(curve, log=False))
@@ -166,6 +166,13 @@ def _lr_lines(s: dict[str, Any]) -> list[Text]:
     if len(lrs) > shown:
         lines.append(Text(f"   … and {len(lrs) - shown} more param groups", style="dim"))
     return lines
+
+
+def curve_values(points: Any) -> list[float | None]:
+    """The values of a summary curve: ``[step, value]`` pairs (as the summary writes them) or bare numbers."""
+    if not isinstance(points, (list, tuple)):
+        return []
+    return [as_float(p[1] if isinstance(p, (list, tuple)) and len(p) == 2 else p) for p in points]
 
 
 # --- findings ----------------------------------------------------------------------------------------
