@@ -134,16 +134,27 @@ class StepCollector:
     ) -> None:
         """One output tensor of a module. ``unit_dim``: per-unit alive masks (relu-like modules);
         ``unit_max_dim``: per-unit largest raw value (weighted layers)."""
-        sums, maxes = R.activation_stats(x, band=band, count_neg=count_neg)
+        dim = unit_dim if unit_dim is not None else unit_max_dim
         acc = self._acc(self.acts, layer)
+        if dim is None:
+            sums, maxes = R.activation_stats(x, band=band, count_neg=count_neg)
+        else:
+            # Per-unit largest value, from the same pass: with unit_dim (relu-like) > 0 means alive (for
+            # outputs that can be negative, the largest |value|); with unit_max_dim the raw maximum.
+            absolute = unit_dim is not None and count_neg
+            sums, maxes, units = R.activation_stats(
+                x, band=band, count_neg=count_neg, unit_dim=dim, unit_abs=absolute
+            )
+            # one vector per width: a shared module applied at several widths keeps every one
+            if unit_dim is not None:
+                acc.put(f"alive/{units.numel()}", MAX, units)
+            if unit_max_dim is not None:
+                top = units if unit_max_dim == unit_dim and not absolute else None
+                if top is None:
+                    top = R.unit_absmax(x, unit_max_dim, nonnegative=True)  # nonnegative: no abs, raw max
+                acc.put(f"unit_max/{top.numel()}", MAX, top)
         acc.put("sums", SUM, sums, R.act_sum_slots(count_neg=count_neg, band=band is not None))
         acc.put("maxes", MAX, maxes, R.ACT_MAX_SLOTS)
-        if unit_dim is not None:  # one mask per width: a shared module applied at several widths keeps all
-            units = R.unit_absmax(x, unit_dim, nonnegative=not count_neg)
-            acc.put(f"alive/{units.numel()}", MAX, units)
-        if unit_max_dim is not None:
-            top = R.unit_absmax(x, unit_max_dim, nonnegative=True)  # no abs(): the raw per-unit maximum
-            acc.put(f"unit_max/{top.numel()}", MAX, top)
         if sample:
             acc.put("sample", LOCAL, R.strided_sample(x))
         acc.numel += x.numel()
@@ -185,16 +196,17 @@ class StepCollector:
     # --- backward ---------------------------------------------------------------------------------
     def add_grad(self, layer: str, g: torch.Tensor, *, sample: bool, unit_dim: int | None = None) -> None:
         """The gradient of one module output; ``unit_dim``: also per-unit largest |gradient|."""
-        sums, maxes = R.grad_stats(g)
         acc = self.grads.get(layer)
         if acc is None:
             acc = self.grads[layer] = _Acc(order=self._grad_order)
             self._grad_order += 1
+        if unit_dim is None:
+            sums, maxes = R.grad_stats(g)
+        else:
+            sums, maxes, units = R.grad_stats(g, unit_dim)  # per-unit largest |gradient|, same pass
+            acc.put(f"unit_absmax/{units.numel()}", MAX, units)
         acc.put("sums", SUM, sums, R.GRAD_SUM_SLOTS)
         acc.put("maxes", MAX, maxes, R.GRAD_MAX_SLOTS)
-        if unit_dim is not None:
-            units = R.unit_absmax(g, unit_dim)
-            acc.put(f"unit_absmax/{units.numel()}", MAX, units)
         if sample:
             acc.put("sample", LOCAL, R.strided_sample(g))
         acc.numel += g.numel()
