@@ -84,9 +84,9 @@ class ParamBatch:
     update_names: list[str] = field(default_factory=list)
     update_sq: list[torch.Tensor] = field(default_factory=list)  # one (Q_i,) vector per optimizer step
     adam_names: list[str] = field(default_factory=list)
-    adam_rms: list[torch.Tensor] = field(
-        default_factory=list
-    )  # RMS of lr / (sqrt(v_hat) + eps), per Adam step
+    # RMS of lr / (sqrt(v_hat) + eps), one vector per Adam step
+    adam_rms: list[torch.Tensor] = field(default_factory=list)
+    frozen: list[bool] = field(default_factory=list)  # aligned with names: requires_grad off this step
 
 
 class StepCollector:
@@ -161,35 +161,54 @@ class StepCollector:
         acc.calls += 1
 
     def add_norm_input(self, layer: str, module: torch.nn.Module, x: torch.Tensor, *, training: bool) -> None:
-        """A normalization layer's input against its running statistics, before this batch updates them."""
+        """A normalization layer's input against its running statistics, before this batch updates them.
+
+        Training forwards: per call, the gap between this batch's per-channel statistics and the running
+        ones (what BatchNorm normalizes with is the batch). Evaluation forwards: per-channel moments pooled
+        over every evaluation call since the last collected step, compared at the end: evaluating one
+        sample at a time has no per-call variance, but the pooled inputs do.
+        """
         target = self.norms if training else self.eval_norms
-        xf = x.detach()
-        if xf.dtype != torch.float32:
-            xf = xf.float()
-        flat = xf.reshape(-1)
-        sums_l, sum_names = [torch.dot(flat, flat)], ["sumsq"]
-        maxes_l: list[torch.Tensor] = []
-        max_names: list[str] = []
+        xd = x.detach()
         rm = getattr(module, "running_mean", None)
         rv = getattr(module, "running_var", None)
         eps = float(getattr(module, "eps", 1e-5))
-        if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and xf.dim() >= 2:
-            mean, var = R.channel_stats(xf)
-            rvf, rmf = rv.detach().float(), rm.detach().float()
-            gap = (mean - rmf).abs() / torch.sqrt(rvf + eps)  # (C,)
-            lvr = torch.log((var + eps) / (rvf + eps)).abs()  # (C,)
-            sums_l += [gap.mean(), lvr.mean()]
-            sum_names += ["gap_mean", "lvr_mean"]
-            maxes_l += [gap.max(), lvr.max(), -rvf.min()]
-            max_names += ["gap_max", "lvr_max", "neg_rv_min"]
+        running = isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and xd.dim() >= 2
+        if xd.dim() >= 2:
+            sumsq, mean, var = R.norm_input_stats(xd)  # one pass, no fp32 copy of the input
+        else:
+            flat = xd.reshape(-1).float()
+            sumsq, mean, var = torch.dot(flat, flat), None, None
+        acc = self._acc(target, layer)
+        sums_l, sum_names = [sumsq.reshape(())], ["sumsq"]
+        maxes_l: list[torch.Tensor] = []
+        max_names: list[str] = []
+        if running:
+            rvf, rmf = rv.detach().float(), rm.detach().float()  # type: ignore[union-attr]
+            if training:
+                gap = (mean - rmf).abs() / torch.sqrt(rvf + eps)  # (C,)
+                lvr = torch.log((var + eps) / (rvf + eps)).abs()  # (C,)
+                sums_l += [gap.mean(), lvr.mean()]
+                sum_names += ["gap_mean", "lvr_mean"]
+                maxes_l += [gap.max(), lvr.max()]
+                max_names += ["gap_max", "lvr_max"]
+            else:
+                n = float(xd.numel() // xd.shape[1])
+                d = mean - rmf  # (C,) measured from the running mean: little cancellation when close
+                acc.put("pool_n", SUM, torch.full((1,), n, device=d.device))
+                acc.put("pool_d", SUM, d * n)
+                acc.put("pool_q", SUM, (var + d * d) * n)
+                acc.put("pool_rv", LOCAL, rvf)
+                acc.put("pool_eps", LOCAL, torch.full((1,), eps, device=d.device))
+            maxes_l.append(-rvf.min())
+            max_names.append("neg_rv_min")
         for attr in ("weight", "bias"):
             t = getattr(module, attr, None)
             if isinstance(t, torch.Tensor):
                 maxes_l.append(t.detach().float().square().mean().sqrt())
                 max_names.append(f"{attr}_rms")
-        acc = self._acc(target, layer)
         acc.put("sums", SUM, torch.stack(sums_l), tuple(sum_names))
-        acc.put("maxes", MAX, torch.stack(maxes_l) if maxes_l else flat.new_zeros(0), tuple(max_names))
+        acc.put("maxes", MAX, torch.stack(maxes_l) if maxes_l else sumsq.new_zeros(0), tuple(max_names))
         acc.numel += x.numel()
         acc.calls += 1
 
@@ -597,11 +616,33 @@ def _norm(values: Values, kind: str, name: str, acc: _Acc | None, training: bool
         stats.mean_gap_mean = s["gap_mean"] / calls
         stats.log_var_ratio_mean = s["lvr_mean"] / calls
         stats.mean_gap_max, stats.log_var_ratio_max = m["gap_max"], m["lvr_max"]
+    if "neg_rv_min" in m:
         stats.running_var_min = -m["neg_rv_min"]
+    pooled = values.get(Key(kind, name, "pool_n"))
+    if pooled is not None:
+        _pooled_gaps(values, kind, name, float(pooled[0]), stats)
     stats.weight_rms = m.get("weight_rms")
     stats.bias_rms = m.get("bias_rms")
     _copy_fields(values, kind, name, stats)
     return stats
+
+
+def _pooled_gaps(values: Values, kind: str, name: str, n: float, stats: NormStats) -> None:
+    """Evaluation inputs pooled over calls against the running statistics, per channel, worst and mean."""
+    d = values.get(Key(kind, name, "pool_d"))
+    q = values.get(Key(kind, name, "pool_q"))
+    rv = values.get(Key(kind, name, "pool_rv"))
+    eps_v = values.get(Key(kind, name, "pool_eps"))
+    if d is None or q is None or rv is None or eps_v is None or n <= 0:
+        return
+    eps = float(eps_v[0])
+    d64, q64, rv64 = d.astype(np.float64) / n, q.astype(np.float64) / n, rv.astype(np.float64)
+    gap = np.abs(d64) / np.sqrt(rv64 + eps)
+    stats.mean_gap_max, stats.mean_gap_mean = float(gap.max()), float(gap.mean())
+    if n >= 2:  # one value per channel has no variance to compare
+        var = np.maximum(q64 - d64 * d64, 0.0)
+        lvr = np.abs(np.log((var + eps) / (rv64 + eps)))
+        stats.log_var_ratio_max, stats.log_var_ratio_mean = float(lvr.max()), float(lvr.mean())
 
 
 def _copy_fields(values: Values, kind: str, name: str, target: Any) -> None:
@@ -641,6 +682,7 @@ def _params(record: StepRecord, p: ParamBatch, values: Values, param_lr: dict[st
             grad_nonfinite=g is not None and not math.isfinite(g),
             weight_nonfinite=not math.isfinite(w),
             lr=param_lr.get(name),
+            frozen=bool(p.frozen[i]) if i < len(p.frozen) else False,
         )
         if usq is not None and upd is not None and upd[i] > 0:
             stats.update_norm = _sqrt(usq[i])

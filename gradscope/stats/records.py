@@ -102,6 +102,8 @@ class ParamStats:
     lr: float | None = None  # learning rate of its param group at this step
     # Adam-family: RMS of the effective per-element step lr / (sqrt(v_hat) + eps), if available.
     adam_step_rms: float | None = None
+    # requires_grad was False at this step (a block frozen mid-run): no gradient is expected, none is missing.
+    frozen: bool = False
 
     @property
     def grad_to_weight(self) -> float | None:
