@@ -89,6 +89,10 @@ class Thresholds:
     #: gradient may be 1e3 x its tiny weights by design): ``exploding_ratio`` does not stand alone there.
     #: Zero-init layers grow by orders of magnitude; healthy initialized layers change by under 2x.
     exploding_waking_growth: float = 10.0
+    #: ... and whose weights' RMS when first seen was below this: born near zero. Initialized layers start
+    #: at 1/sqrt(fan_in) (>= 1e-2 up to a fan-in of 10^4) or std 0.02; a zero-init layer after a few steps
+    #: of lr 1e-3 is near 1e-3 or below. A layer that grew 70x because an explosion blew it up is not waking.
+    exploding_waking_rms: float = 1e-3
     #: Gradients summed over steps (zero_grad() never called) grow on most steps: this share of
     #: step-over-step increases over the collected steps ...
     exploding_steady_share: float = 0.6

@@ -120,8 +120,13 @@ def test_vanishing_gated_on_symptoms():
     found = run({"l0": 1e-8, "l1": 1e-3}, improving)
     assert kinds(found) == [("vanishing_gradient", "l0", "warning")]
     assert found[0].evidence["update_to_weight"] == pytest.approx(1e-8 / 1.0)
-    # Moving, but the loss is flat -> reported.
-    assert kinds(run({"l0": 1e-3, "l1": 1e-3}, [1.0] * 12)) == [("vanishing_gradient", "l0", "warning")]
+    # Moving as fast as l1 while the loss is flat: the small gradient does not keep it from training (a
+    # healthy BERT on its initial plateau, queries and keys at 5e-5 under Adam) -> kept as info.
+    moving = run({"l0": 1e-3, "l1": 1e-3}, [1.0] * 12)
+    assert kinds(moving) == [("vanishing_gradient", "l0", "info")]
+    assert "move as fast" in str(moving[0].evidence["gate"])
+    # Not moving and the loss is flat -> a warning.
+    assert kinds(run({"l0": 1e-8, "l1": 1e-3}, [1.0] * 12)) == [("vanishing_gradient", "l0", "warning")]
 
 
 def test_vanishing_step_is_the_first_step_it_held():

@@ -38,6 +38,7 @@ class LayerSeries:
     grad: list[float] = field(default_factory=list)  # L2 norm over the layer's weight matrices
     weight: list[float] = field(default_factory=list)
     update: list[float | None] = field(default_factory=list)  # ||dw||, None when not measured
+    numel: int = 0  # elements of the weight matrices
 
     @property
     def ratio(self) -> list[float]:
@@ -64,7 +65,7 @@ def layer_series(history: History) -> dict[str, LayerSeries]:
     order = history.layer_order()
     series: dict[str, LayerSeries] = {}
     for layer in sorted(owned, key=lambda n: order.get(n, 1 << 30)):
-        s = LayerSeries()
+        s = LayerSeries(numel=sum(history.params[p].numel for p in owned[layer]))
         for rec in history.records:
             if rec.skipped:
                 continue
@@ -173,6 +174,12 @@ def _vanishing(history: History, full: dict[str, LayerSeries], th: Thresholds) -
             gate = "the loss fell 100-fold (gradients shrink as a model converges)"
         elif (loss.known or not_moving is not None) and not (loss.stuck or not_moving):
             gate = f"{gate_text(loss)} and the layer's weights keep moving"
+        elif not_moving is False and severity != Severity.CRITICAL:
+            # "Too small to train it" is false of a layer that moves as fast as later layers: its optimizer
+            # rescales the gradient (Adam). A healthy BERT on its initial loss plateau has queries and keys
+            # at 5e-5 of later layers (second-order gradients while attention is uniform), moving normally.
+            gate = "the layer's weights move as fast as later layers' (its optimizer rescales the gradient)"
+
         if gate:
             severity = Severity.INFO
             evidence["gate"] = gate
@@ -234,7 +241,7 @@ def _exploding(history: History, series: dict[str, LayerSeries], th: Thresholds)
         s = series[name]
         # A layer born near zero (zero-init residual branches, ReZero) has gradients far above its weights
         # while it wakes up: then the ratio does not stand alone.
-        waking = _weight_growth(s) >= th.exploding_waking_growth
+        waking = _weight_growth(s) >= th.exploding_waking_growth and _first_rms(s) < th.exploding_waking_rms
         hits = [(_growth(s, th), False), (_ratio_explosion(s, th), not waking), (_steady_growth(history, s, th), False)]
         graded = [(_grade(hit, th, history, standalone=alone), hit) for hit, alone in hits if hit is not None]
         if not graded:
@@ -274,6 +281,11 @@ def _weight_growth(s: LayerSeries) -> float:
     return max(w) / w[0] if w[0] > 0 else math.inf
 
 
+def _first_rms(s: LayerSeries) -> float:
+    """RMS of the layer's weights (per element) when first collected."""
+    return s.weight[0] / math.sqrt(s.numel) if s.numel else math.inf
+
+
 def _grade(hit: _Hit, th: Thresholds, history: History, *, standalone: bool) -> Severity:
     """Severity of one explosion rule's hit.
 
@@ -284,9 +296,7 @@ def _grade(hit: _Hit, th: Thresholds, history: History, *, standalone: bool) -> 
     onset, sustained, _, _ = hit
     symptom = _explosion_symptom(history, onset, th)
     if standalone:
-        if sustained and symptom:
-            return Severity.CRITICAL
-        return Severity.WARNING if sustained or symptom else Severity.INFO
+        return Severity.CRITICAL if sustained and symptom else Severity.WARNING
     if not symptom:
         return Severity.INFO
     return Severity.CRITICAL if sustained else Severity.WARNING
