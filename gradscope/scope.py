@@ -23,6 +23,7 @@ from .errors import AlreadyWatchedError, GradscopeWarning, UsageError
 from .findings import Report
 from .hooks import selection
 from .hooks.capture import ModuleHooks
+from .hooks.guard import KIND_TO_STAT, MODEL, Guard
 from .hooks.handles import HandleSet
 from .hooks.optimizer import after_first_call, closure_of, patch_scaler_update, with_closure
 from .stats.adam import adam_step_rms, is_adam
@@ -62,6 +63,8 @@ class Scope:
         self.model = model
         self.scaler = scaler
         self._combiner = distributed.combiner()
+        if self._combiner is not None:
+            self._combiner.on_disagree = self._ranks_disagree
         self._main = distributed.is_main_process()  # only rank 0 writes files and prints
         self.optimizers: list[torch.optim.Optimizer] = (
             [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
@@ -96,7 +99,10 @@ class Scope:
             has_optimizer=bool(self.optimizers),
             optimizer_types=[type(o).__name__ for o in self.optimizers],
         )
-        self._modules = ModuleHooks(self._collector, self._handles, self.history.layers, self.histograms)
+        self._guard = Guard(self.history.unmeasured, {n: i.type for n, i in self.history.layers.items()})
+        self._modules = ModuleHooks(
+            self._collector, self._handles, self.history.layers, self.histograms, self._guard
+        )
         for m in model.modules():
             _WATCHED.add(m)
         try:
@@ -189,35 +195,33 @@ class Scope:
 
     # --- optimizer hooks ------------------------------------------------------------------------------
     def _on_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        if id(opt) in self._stepped:
+            self._end_step()  # the same optimizer stepped again: the previous step is over
+        if not self._collecting:
+            return None
         try:
-            if id(opt) in self._stepped:
-                self._end_step()  # the same optimizer stepped again: the previous step is over
-            if not self._collecting:
-                return None
             closure, pos = closure_of(opt, args, kwargs)
-            if callable(closure):
-                # step(closure) (LBFGS, Lightning) runs forward and backward inside step(): the gradients
-                # exist only once the closure has run, so read them right after its first call.
-                snapshot = self._guarded(functools.partial(self._snapshot, opt))
-                return with_closure(args, kwargs, pos, after_first_call(closure, snapshot))
-            self._snapshot(opt)
-        except Exception as exc:  # statistics must never break training
-            self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
+        except Exception as exc:
+            self._guard.fail(MODEL, "parameters", exc)
+            return None
+        if callable(closure):
+            # step(closure) (LBFGS, Lightning) runs forward and backward inside step(): the gradients
+            # exist only once the closure has run, so read them right after its first call.
+            snapshot = functools.partial(self._snapshot, opt)
+            return with_closure(args, kwargs, pos, after_first_call(closure, snapshot))
+        self._snapshot(opt)
         return None
-
-    def _guarded(self, fn: Any) -> Any:
-        def run() -> None:
-            try:
-                fn()
-            except Exception as exc:
-                self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
-
-        return run
 
     def _snapshot(self, opt: torch.optim.Optimizer) -> None:
         """Gradients and weights as the optimizer is about to use them, and a copy for the update probe."""
+        self._guard.call(MODEL, "parameters", self._read_params)
+        self._guard.call(MODEL, "updates", self._start_probe, opt)
+
+    def _read_params(self) -> None:
         if self._collector.params is None:
             self._collector.params = param_batch(self._named_params)
+
+    def _start_probe(self, opt: torch.optim.Optimizer) -> None:
         named = [
             (self._param_names.get(id(p), "?"), p)
             for group in opt.param_groups
@@ -227,24 +231,30 @@ class Scope:
         self._probes.append(UpdateProbe(named))
 
     def _on_post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        try:
-            params = self._collector.params
-            if self._collecting and self._probes and params is not None:
-                names, sq = self._probes.pop().finish()
-                params.update_names.extend(names)
-                params.update_sq.append(sq)
-                if is_adam(opt):  # evidence for update_ratio: Adam's effective per-element step size
-                    names, rms = adam_step_rms(opt, self._param_names)
-                    params.adam_names.extend(names)
-                    params.adam_rms.append(rms)
-        except Exception as exc:
-            self._warn_once("collect", f"gradscope could not measure the update of step {self._step}: {exc!r}")
+        if self._collecting and self._probes:
+            probe = self._probes.pop()
+            self._guard.call(MODEL, "updates", self._finish_probe, opt, probe)
         self._stepped.add(id(opt))
         if len(self._stepped) >= len(self.optimizers):
             self._end_step()
 
+    def _finish_probe(self, opt: torch.optim.Optimizer, probe: UpdateProbe) -> None:
+        params = self._collector.params
+        names, sq = probe.finish()
+        if params is None:
+            return
+        params.update_names.extend(names)
+        params.update_sq.append(sq)
+        if is_adam(opt):  # evidence for update_ratio: Adam's effective per-element step size
+            names, rms = adam_step_rms(opt, self._param_names)
+            params.adam_names.extend(names)
+            params.adam_rms.append(rms)
+
     def _on_scaler_update(self) -> None:
         """GradScaler.update(): if no optimizer step ended the training step, the scaler skipped it."""
+        self._guard.call(MODEL, "scaler", self._scaler_updated)
+
+    def _scaler_updated(self) -> None:
         if not self._ended_since_update and (self.optimizers or self._collector.acts):
             self._end_step(skipped=True)
         self._ended_since_update = False
@@ -279,7 +289,7 @@ class Scope:
             try:
                 self._finish_record(skipped)
             except Exception as exc:  # statistics must never break training
-                self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
+                self._guard.fail(MODEL, "steps", exc)
         elif skipped:
             self.history.add_skipped(self._step)
         self._ended_since_update = True
@@ -288,12 +298,12 @@ class Scope:
         self._probes.clear()
         self._stepped.clear()
         self._step += 1
+        self._guard.step = self._step
         self.history.steps_seen = self._step
         self._modules.collecting = self.schedule(self._step)
 
     def _finish_record(self, skipped: bool = False) -> None:
-        if self._collector.params is None:
-            self._collector.params = param_batch(self._named_params)
+        self._guard.call(MODEL, "parameters", self._read_params)
         self._refresh_optimizer_membership()
         lrs, param_lr = self._learning_rates()
         record, losses = self._collector.flush(
@@ -304,6 +314,7 @@ class Scope:
             param_lr=param_lr,
             grad_scale=self._grad_scale(),
             combiner=self._combiner,
+            on_error=self._statistic_failed,
         )
         self._losses = []
         record.skipped = skipped
@@ -318,6 +329,17 @@ class Scope:
         self.history.add(record)
         self._last_collected = self._step
         self._write(record)
+
+    def _ranks_disagree(self, keys: set) -> None:
+        layers = sorted({k.layer or "(model)" for k in keys})
+        self._warn_once(
+            "ranks-disagree",
+            f"gradscope: ranks measured statistics of different sizes in step {self._step} "
+            f"(layers {', '.join(layers[:5])}); those stay each rank's own, not combined across ranks",
+        )
+
+    def _statistic_failed(self, kind: str, layer: str, exc: BaseException) -> None:
+        self._guard.fail(layer, KIND_TO_STAT.get(kind, kind), exc)
 
     def _flush_losses(self) -> None:
         """Move pending loss values to the host (one transfer): at report time or when many are pending."""

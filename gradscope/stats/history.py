@@ -86,6 +86,9 @@ class History:
     lr_curves: list[Downsampled] = field(default_factory=list, init=False)  # per param group, whole run
     skipped_steps: list[int] = field(default_factory=list, init=False)  # bounded: last `capacity`
     skipped_total: int = field(default=0, init=False)
+    # Layers (or "" for the model as a whole) whose statistics gradscope stopped measuring after an error
+    # in its own hooks, and why: the report says what it could not see rather than staying silent.
+    unmeasured: dict[str, str] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.records = deque(maxlen=self.capacity)
