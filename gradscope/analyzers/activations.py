@@ -150,8 +150,10 @@ def _dead_units(history: History, th: Thresholds) -> list[Finding]:
         at = order.get(name, 1 << 30)
         nxt = min((order.get(n, 1 << 30) for n, i in history.layers.items()
                    if i.role == "linear" and order.get(n, 1 << 30) > at), default=1 << 30)
-        shown = any(at < order.get(o, 1 << 30) < nxt and history.layers[o].role == "relu" for o in flagged)
-        if not shown:
+        # A rectifier module of its own between this layer and the next weighted one: the relu path judges
+        # it (and a shrink or leaky activation's zeros are not death); only a functional one is ours here.
+        between = [info for info in history.layers.values() if at < order.get(info.name, 1 << 30) < nxt]
+        if not any(i.role in ("relu", "saturating") or i.type in _ALIVE_WHEN_ZERO for i in between):
             hit[1]["rectifier"] = "functional"
             behind[name] = hit
     found: list[Finding] = []
