@@ -68,6 +68,7 @@ class ModuleHooks:
         self.layers = layers
         self.histograms = histograms
         self.collecting = True  # step 0 is always collected
+        self.births: Any = None  # hooks/backward.py: finiteness of each module's inputs (set by the scope)
         self._next_order = 0
         self._last_units: tuple[torch.Size, int] | None = None
 
@@ -99,6 +100,8 @@ class ModuleHooks:
             w.order = self._next_order
             self._next_order += 1
             self.layers[w.name].order = w.order
+        if self.births is not None:
+            self.births.on_forward(w.name, inputs)
         for i, t in enumerate(floating(output)):
             unit = None
             if i == 0:
