@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,8 @@ def tiny_bert(dead: bool = False) -> BertForSequenceClassification:
     """A one-layer BERT built from a config (nothing downloaded), with a ReLU in its MLP."""
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=SEQ,
-        hidden_act="relu",
-        num_labels=2,
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=SEQ, hidden_act="relu", num_labels=2,
     )
     model = BertForSequenceClassification(config)
     if dead:
@@ -61,11 +56,7 @@ class Tokens(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones(SEQ, dtype=torch.long),
-            "labels": self.labels[i],
-        }
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": self.labels[i]}
 
 
 class Recorder(TrainerCallback):
@@ -76,14 +67,10 @@ class Recorder(TrainerCallback):
         self.grad_norms: list[float] = []
         self.logged_grad_norms: list[float] = []  # the Trainer's global norm, before its clipping
 
-    def on_pre_optimizer_step(
-        self, args: Any, state: Any, control: Any, model: nn.Module, **kwargs: Any
-    ) -> None:
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module, **kwargs: Any) -> None:
         self.grad_norms.append(model.classifier.weight.grad.norm().item())
 
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
-    ) -> None:
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         if logs and "loss" in logs:
             self.losses.append((state.global_step - 1, logs["loss"]))
         if logs and "grad_norm" in logs:
@@ -92,22 +79,12 @@ class Recorder(TrainerCallback):
 
 def train(model: nn.Module, tmp_path: Path, callbacks: list[Any], **args_kw: Any) -> Trainer:
     options: dict[str, Any] = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=8,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
+        output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
         dataloader_num_workers=0,
     )
     options.update(args_kw)
-    trainer = Trainer(
-        model=model, args=TrainingArguments(**options), train_dataset=Tokens(), callbacks=callbacks
-    )
+    trainer = Trainer(model=model, args=TrainingArguments(**options), train_dataset=Tokens(), callbacks=callbacks)
     trainer.train()
     return trainer
 
@@ -136,10 +113,7 @@ def test_train_counts_steps_records_losses_and_unhooks(tmp_path: Path) -> None:
     # backward produced, so the global pre-clip norm is the one the Trainer logs, and clip_ratio shows it.
     recorded = [r.params["classifier.weight"].grad_norm_clipped for r in scope.history.records]
     assert recorded == pytest.approx(rec.grad_norms, rel=1e-5)
-    pre = [
-        sum(p.grad_norm**2 for p in r.params.values() if p.grad_norm is not None) ** 0.5
-        for r in scope.history.records
-    ]
+    pre = [math.sqrt(sum(p.grad_norm**2 for p in r.params.values() if p.grad_norm)) for r in scope.history.records]
     assert pre == pytest.approx(rec.logged_grad_norms, rel=1e-3)
     ratios = [r.clip_ratio for r in scope.history.records]
     assert ratios == pytest.approx([max(g, 1.0) for g in rec.logged_grad_norms], rel=1e-3)
@@ -215,9 +189,7 @@ def test_bad_arguments_fail_at_construction() -> None:
 
 
 def test_missing_transformers_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(
-        sys.modules, "transformers", None
-    )  # None in sys.modules makes import raise ImportError
+    monkeypatch.setitem(sys.modules, "transformers", None)  # None in sys.modules makes import raise ImportError
     monkeypatch.delitem(sys.modules, "gradscope.integrations.transformers")
     with pytest.raises(ImportError, match="pip install transformers accelerate"):
         import gradscope.integrations.transformers  # noqa: F401

@@ -209,6 +209,15 @@ def _loss_born(history: History, step: int, rec: StepRecord) -> Finding:
     )
 
 
+def _next_loss_birth(history: History, after: int) -> int | None:
+    """The first collected step after ``after`` whose loss was NaN/Inf while its module outputs were finite."""
+    bad = {s for s, v in (*history.loss_start, *history.losses) if s > after and not math.isfinite(v)}
+    for rec in history.records:
+        if rec.step in bad and _forward_finite(rec):
+            return rec.step
+    return None
+
+
 def _last_finite_loss(history: History, step: int) -> float | None:
     before = [(s, v) for s, v in (*history.loss_start, *history.losses) if s < step and math.isfinite(v)]
     return max(before)[1] if before else None
@@ -221,7 +230,16 @@ def _uncollected(history: History, step: int, by: str, located: NonfiniteEvent |
     last = _last_finite_loss(history, step)
     if last is not None:
         evidence["last_finite_loss"] = last
-    if located is None:
+    again = _next_loss_birth(history, step)
+    if again is not None and (located is None or again < located.step):
+        # its next collected occurrence was a non-finite loss over finite module outputs
+        message = (
+            f"{what} became NaN/Inf at step {step}, a step whose modules were not collected; at its next "
+            f"collected occurrence, step {again}, every module output was finite: the loss computation made it."
+        )
+        layer, hint = "", _HINTS["loss"]
+        evidence.update(first_seen_layer="", first_seen_step=again, first_seen_tensor="loss", born_here=1)
+    elif located is None:
         message = (
             f"{what} became NaN/Inf at step {step}, a step whose modules were not collected; no collected "
             "step has seen it since."

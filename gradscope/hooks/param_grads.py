@@ -38,7 +38,9 @@ class ParamGradHooks:
     """Owns the per-step post-accumulate-grad hooks of one scope."""
 
     def __init__(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
-        self.named = [(n, p) for n, p in named if p.is_leaf and hasattr(p, "register_post_accumulate_grad_hook")]
+        self.named = [
+            (n, p) for n, p in named if p.is_leaf and hasattr(p, "register_post_accumulate_grad_hook")
+        ]
         self.enabled = True
         self.frozen = False
         self._sq: dict[str, torch.Tensor] = {}
@@ -50,7 +52,9 @@ class ParamGradHooks:
             return
         try:
             for name, p in self.named:
-                handles.keep_for_step(p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, name)))
+                handles.keep_for_step(
+                    p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, name))
+                )
         except Exception as exc:  # never into training: measure post-clip gradients only from now on
             self._fail(exc)
 
@@ -99,7 +103,9 @@ def apply_pre_clip(record: object, pre: PreClip, scale: torch.Tensor | None) -> 
     received as ``grad_norm_clipped``, and set the step's ``clip_ratio`` (pre-clip / post-clip global norm).
 
     One transfer for the whole step (a collected step, which syncs anyway)."""
-    vec = pre.sq if scale is None else torch.cat([pre.sq, scale.detach().reshape(1).float().to(pre.sq.device)])
+    vec = (
+        pre.sq if scale is None else torch.cat([pre.sq, scale.detach().reshape(1).float().to(pre.sq.device)])
+    )
     host = vec.cpu().tolist()
     s = host[-1] if scale is not None else 1.0
     s = s if s > 0 and math.isfinite(s) else 1.0

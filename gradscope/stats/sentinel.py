@@ -89,7 +89,9 @@ class SentinelLog:
     bursts: list[tuple[int, str]] = field(default_factory=list)
 
     def add(self, step: int, name: str, value: float) -> None:
-        if not math.isfinite(value) and (name not in self.first_nonfinite or step < self.first_nonfinite[name]):
+        if not math.isfinite(value) and (
+            name not in self.first_nonfinite or step < self.first_nonfinite[name]
+        ):
             self.first_nonfinite[name] = step
         if name == "grad_norm":
             self.grad_norms.append((step, value))
