@@ -48,6 +48,23 @@ class Thresholds:
     exploding_depth_ratio: float = 1e4
     #: The loss "is improving" when its late mean is below its early mean by at least this fraction.
     loss_plateau: float = 0.05
+    #: A relative gradient below this, sustained, while the loss does not improve, is vanishing: with any
+    #: learning rate up to 1, SGD's step is then two orders below the healthy ~1e-3 band (as
+    #: ``update_ratio_low``). Measured: a 30-layer plain ReLU net with Xavier init sits at 1e-7..1e-6
+    #: (He et al., 2015, sec. 2.2), healthy nets at 1e-3..1e-1 at the start.
+    vanishing_stuck_ratio: float = 1e-5
+    #: A layer whose weight norm grew this many times since first seen is waking up from near zero (its
+    #: gradient may be 1e3 x its tiny weights by design): ``exploding_ratio`` does not stand alone there.
+    #: Zero-init layers grow by orders of magnitude; healthy initialized layers change by under 2x.
+    exploding_waking_growth: float = 10.0
+    #: Gradients summed over steps (zero_grad() never called) grow on nearly every step: this share of
+    #: step-over-step increases over the collected steps ...
+    exploding_steady_share: float = 0.8
+    #: ... by at least this factor in all (nanoGPT without zero_grad: 1.1 -> 150 at the embedding) ...
+    exploding_steady_growth: float = 10.0
+    #: ... while the loss level (trimmed mean of ``loss_window`` losses) sits this factor above its low
+    #: (nanoGPT without zero_grad: 3.56 -> 5.33, 1.5x; small-batch noise of a 20-loss level is a few %).
+    loss_level_rise: float = 1.2
 
     # --- activations -----------------------------------------------------------------------------
     #: Share of a layer's units dead over the window: warning at/above, critical at/above.
@@ -97,6 +114,11 @@ class Thresholds:
     #: A rise or spike must also climb back by this share of what training had gained (first loss minus
     #: minimum), so that noise near a converged minimum is not divergence.
     loss_giveback: float = 0.1
+    #: A loss level this many times the run's first loss (positive losses) is divergence whatever its low:
+    #: the updates made the model worse than untrained. Measured: nanoGPT at lr 100x without warm-up
+    #: 4.57 -> 10.6 by step 7 (a 10-loss level of ~2x), HF GPT-2 at lr 1.0 4.4 -> 42 at step 1; healthy
+    #: runs, warm-up or not, stay below their first loss after the first few steps.
+    loss_rise_over_start: float = 1.5
 
     # --- numerics --------------------------------------------------------------------------------
     #: Optimizer steps skipped for non-finite gradients (GradScaler) tolerated before it is a finding.

@@ -93,11 +93,18 @@ class Finding:
 
 
 def sort_findings(findings: list[Finding], layer_order: dict[str, int] | None = None) -> list[Finding]:
-    """Most severe first; then model order, so the earliest affected layer leads."""
+    """Most severe first; among equals the root cause (NaN's origin, then a finding that others were
+    folded into), then model order, so the earliest affected layer leads."""
     order = layer_order or {}
+
+    def root(f: Finding) -> int:
+        if f.kind == Kind.NONFINITE.value:
+            return 0
+        return 1 if "folded" in f.evidence else 2
+
     return sorted(
         findings,
-        key=lambda f: (-f.rank, order.get(f.layer, 1 << 30), f.step if f.step is not None else -1, f.kind),
+        key=lambda f: (-f.rank, root(f), order.get(f.layer, 1 << 30), f.step if f.step is not None else -1, f.kind),
     )
 
 

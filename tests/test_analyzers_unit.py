@@ -113,7 +113,9 @@ def test_vanishing_gated_on_symptoms():
         return gradients.analyze(h, TH)
 
     improving = [1.0 - 0.05 * t for t in range(12)]
-    assert run({"l0": 1e-3, "l1": 1e-3}, improving) == []
+    gated = run({"l0": 1e-3, "l1": 1e-3}, improving)  # kept, lowered to info, saying which gate
+    assert kinds(gated) == [("vanishing_gradient", "l0", "info")]
+    assert "loss improved" in str(gated[0].evidence["gate"])
     # SGD-like: the update follows the gradient, so l0 moves 1e-5 as much as l1 -> stuck, reported.
     found = run({"l0": 1e-8, "l1": 1e-3}, improving)
     assert kinds(found) == [("vanishing_gradient", "l0", "warning")]
@@ -175,7 +177,8 @@ def test_zero_initialized_layer_waking_up_is_not_exploding():
         w = 1e-3 * (t + 1)
         rec = grad_record(t, {"l0": 1e-6 * 2**t, "l1": 1e-1}, weight=w, loss=1.0 / (t + 1))
         h.add(rec)
-    assert [f for f in gradients.analyze(h, TH) if f.kind == "exploding_gradient"] == []
+    found = [f for f in gradients.analyze(h, TH) if f.kind == "exploding_gradient"]
+    assert [f.severity for f in found] in ([], ["info"])  # a gate lowers it to info, never louder
 
 
 def test_skipped_overflow_steps_are_not_exploding_gradients():

@@ -113,10 +113,10 @@ def test_update_ratio_of_non_finite_steps():
     assert optimizer._ratio(1.0, 0.0) == math.inf
 
 
-def test_loss_change_compares_first_and_last_quarter():
+def test_loss_change_compares_first_and_last_third():
     pts = list(enumerate([4.0, 4.0, 3.0, 3.0, 2.0, 2.0, 1.0, 1.0]))
     assert optimizer.loss_change(pts) == pytest.approx((4.0 - 1.0) / 4.0)
-    assert optimizer.loss_change(pts[:7]) is None  # too few to tell
+    assert optimizer.loss_change(pts[:5]) is None  # too few to tell (the shared helper needs six)
     assert optimizer.loss_change([*pts, (8, math.nan)]) == -math.inf
 
 
@@ -157,7 +157,9 @@ def test_weights_rewritten_every_step_are_critical_even_without_a_loss():
 def test_a_zero_initialized_layer_first_steps_are_not_sustained():
     # ||w|| grows from 0: the ratio is inf, then 1/t; the loss improves. Nothing wrong.
     ratios = [math.inf] + [1.0 / t for t in range(1, 40)]
-    assert found(run(ratios, falling(40)), UPDATE) == []
+    h = run(ratios, falling(40))
+    h.records[0].params["fc.weight"] = ParamStats(grad_norm=1.0, weight_norm=0.0, update_norm=0.2, lr=0.1)
+    assert found(h, UPDATE) == []
 
 
 def test_a_single_blow_up_step_followed_by_divergence_is_critical():

@@ -8,6 +8,7 @@ from ..config import Thresholds
 from ..findings import Finding, sort_findings
 from ..stats.history import History
 from . import activations, gradients, normalization, numerics, optimizer, parameters
+from .roots import fold
 
 Analyzer = Callable[[History, Thresholds], list[Finding]]
 
@@ -38,9 +39,11 @@ def merge(findings: list[Finding]) -> list[Finding]:
 
 
 def analyze(history: History, thresholds: Thresholds | None = None) -> list[Finding]:
-    """Run every analyzer; findings merged per (kind, layer), most severe first, then in model order."""
+    """Run every analyzer; findings merged per (kind, layer), consequences folded into their root cause
+    (roots.py), most severe first, then in model order."""
     th = thresholds or Thresholds()
     found: list[Finding] = []
     for analyzer in ANALYZERS:
         found.extend(analyzer(history, th))
-    return sort_findings(merge(found), history.layer_order())
+    order = history.layer_order()
+    return sort_findings(fold(merge(found), order), order)

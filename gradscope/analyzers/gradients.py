@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from statistics import median
 
 from ..config import Thresholds
 from ..findings import Finding, Kind, Severity
 from ..stats.history import History
+from .loss import gate_text, level_rise, loss_points, trend
 
 # Roles whose weights take part: leaf layers with weight matrices. Embeddings get sparse gradients,
 # norm layers only gains; containers hold parameters that are rarely "a layer" (e.g. a position table).
@@ -80,37 +82,6 @@ def layer_series(history: History) -> dict[str, LayerSeries]:
     return series
 
 
-# --- loss symptoms -----------------------------------------------------------------------------------
-
-
-def loss_change(history: History, since: int | None = None, until: int | None = None) -> float | None:
-    """Relative loss improvement over the window: (early mean - late mean) / |early mean|.
-
-    Early and late are the first and last third of the losses given through ``scope.step(loss=...)``.
-    ``-inf`` when a loss went non-finite; None when fewer than six losses were given (can't tell).
-    """
-    pts = [(s, v) for s, v in history.losses if (since is None or s >= since) and (until is None or s < until)]
-    if any(not math.isfinite(v) for _, v in pts):
-        return -math.inf
-    if len(pts) < 6:
-        return None
-    k = len(pts) // 3
-    early = sum(v for _, v in pts[:k]) / k
-    late = sum(v for _, v in pts[-k:]) / k
-    return (early - late) / max(abs(early), 1e-12)
-
-
-def loss_not_improving(history: History, th: Thresholds) -> bool | None:
-    change = loss_change(history)
-    return None if change is None else change < th.loss_plateau
-
-
-def loss_converged(history: History) -> bool:
-    """The loss fell by two orders of magnitude or more: small gradients are convergence, not a fault."""
-    change = loss_change(history)
-    return change is not None and change >= 0.99
-
-
 # --- the rules ---------------------------------------------------------------------------------------
 
 
@@ -121,10 +92,42 @@ def analyze(history: History, thresholds: Thresholds) -> list[Finding]:
     return [*_vanishing(history, series, thresholds), *_exploding(history, series, thresholds)]
 
 
-def _vanishing(history: History, series: dict[str, LayerSeries], th: Thresholds) -> list[Finding]:
+def nonfinite_from(history: History) -> int | None:
+    """The first step at which anything (a loss, an output, a gradient, a weight) went NaN/Inf."""
+    steps = [st for st, v in loss_points(history) if not math.isfinite(v)][:1]
+    if history.first_nonfinite is not None:
+        steps.append(history.first_nonfinite.step)
+    return min(steps) if steps else None
+
+
+def _finite_before(s: LayerSeries, cut: int | None) -> LayerSeries:
+    """The steps a smallness rule may read: finite gradient and weights, before the run's first NaN/Inf.
+
+    NaN is never "small": a NaN gradient compared with anything is False, and a norm read as 0 would
+    make every layer after a NaN look vanishing. What follows the first NaN is the nonfinite finding's.
+    """
+    out = LayerSeries()
+    for st, g, w, u in zip(s.steps, s.grad, s.weight, s.update, strict=True):
+        if (cut is not None and st >= cut) or not (math.isfinite(g) and math.isfinite(w)):
+            continue
+        out.steps.append(st)
+        out.grad.append(g)
+        out.weight.append(w)
+        out.update.append(u if u is None or math.isfinite(u) else None)
+    return out
+
+
+_HINT_VANISH = (
+    "Use ReLU/GELU with Kaiming/He init instead of saturating activations or Xavier init in a deep "
+    "rectifier net, or add normalization or residual connections so gradients reach the early layers."
+)
+
+
+def _vanishing(history: History, full: dict[str, LayerSeries], th: Thresholds) -> list[Finding]:
     found: list[Finding] = []
-    plateau = loss_not_improving(history, th)
-    converged = loss_converged(history)
+    cut = nonfinite_from(history)
+    series = {n: s for n, s in ((n, _finite_before(s, cut)) for n, s in full.items()) if s.steps}
+    loss = trend(history, th, until=cut)
     names = list(series)  # forward order
     for i, name in enumerate(names):
         s = series[name]
@@ -134,19 +137,19 @@ def _vanishing(history: History, series: dict[str, LayerSeries], th: Thresholds)
         gaps = _gaps(s, [series[n] for n in later], max)
         below_depth = [(st, gap) for st, gap in gaps if gap < th.vanishing_depth_ratio]
         below_abs = [(st, r) for st, r in zip(s.steps, ratio, strict=True) if r < th.vanishing_ratio]
+        below_stuck = [(st, r) for st, r in zip(s.steps, ratio, strict=True) if r < th.vanishing_stuck_ratio]
         depth_hit = bool(gaps) and len(below_depth) / len(gaps) >= th.sustained_fraction
-        # Absolute rule; tiny gradients after the loss fell 100-fold are convergence, not a fault.
-        abs_hit = len(below_abs) / len(ratio) >= th.sustained_fraction and not converged
-        if not depth_hit and not abs_hit:
+        abs_hit = len(below_abs) / len(ratio) >= th.sustained_fraction
+        # Small everywhere while the loss does not move (a deep plain net under SGD): every layer's step
+        # is two orders below the healthy band at any sane learning rate, and nothing improves.
+        stuck_hit = loss.stuck is True and len(below_stuck) / len(ratio) >= th.sustained_fraction
+        if not (depth_hit or abs_hit or stuck_hit):
             continue
-        # Symptom gate: when the loss or the updates can be seen, something must actually be stuck.
         upd = s.relative_update()
         ref_upd = max((u for u in (series[n].relative_update() for n in later) if u is not None), default=None)
-        stuck = None if upd is None or not ref_upd else upd < th.vanishing_update_gap * ref_upd
+        not_moving = None if upd is None or not ref_upd else upd < th.vanishing_update_gap * ref_upd
         if upd is not None and upd < th.update_ratio_low:
-            stuck = True
-        if (plateau is not None or stuck is not None) and not (plateau or stuck):
-            continue
+            not_moving = True
         gap = median(g for _, g in gaps) if gaps else math.nan
         rel = median(ratio)
         evidence: dict[str, float | int | str] = {
@@ -160,14 +163,22 @@ def _vanishing(history: History, series: dict[str, LayerSeries], th: Thresholds)
             evidence["reference_layer"] = max(later, key=lambda n: median(series[n].ratio))
         if upd is not None:
             evidence["update_to_weight"] = upd
-        if plateau is not None:
-            evidence["loss_improvement"] = loss_change(history) or 0.0
-        critical = abs_hit or (depth_hit and gap < th.vanishing_depth_critical)
-        first = min(st for st, _ in (below_abs if abs_hit else []) + (below_depth if depth_hit else []))
-        hint = (
-            "Use ReLU/GELU with Kaiming/He init instead of saturating activations, or add "
-            "normalization or residual connections so gradients reach the early layers."
-        )
+        if loss.known:
+            evidence["loss_improvement"] = loss.change if loss.change is not None else 0.0
+        severity = Severity.CRITICAL if abs_hit or (depth_hit and gap < th.vanishing_depth_critical) else Severity.WARNING
+        # Symptom gates lower the severity, never drop the finding: when the loss or the updates can be
+        # seen and nothing is stuck, small gradients may be a choice (Adam rescales them) or convergence.
+        gate = ""
+        if loss.converged and not (depth_hit or not_moving):
+            gate = "the loss fell 100-fold (gradients shrink as a model converges)"
+        elif (loss.known or not_moving is not None) and not (loss.stuck or not_moving):
+            gate = f"{gate_text(loss)} and the layer's weights keep moving"
+        if gate:
+            severity = Severity.INFO
+            evidence["gate"] = gate
+        flagged = (below_abs if abs_hit else []) + (below_depth if depth_hit else []) + (below_stuck if stuck_hit else [])
+        first = min(st for st, _ in flagged)
+        hint = _HINT_VANISH
         if all(g == 0.0 for g in s.grad):
             # Not a long chain of small factors but a cut: nothing downstream passes gradient back.
             message = f"{name} received exactly zero gradient on every collected step, so it cannot train."
@@ -180,12 +191,19 @@ def _vanishing(history: History, series: dict[str, LayerSeries], th: Thresholds)
                 f"Gradients reaching {name} are {gap:.1e} times those of later layers (relative to their "
                 f"weights), too small to train it."
             )
-        else:
+        elif abs_hit:
             message = f"The gradient at {name} is only {rel:.1e} of its weight norm, too small to train it."
+        else:
+            message = (
+                f"The gradient at {name} is only {rel:.1e} of its weight norm while the loss does not improve, "
+                f"too small to train it."
+            )
+        if gate:
+            message = message[:-1] + f", but {gate}."
         found.append(
             Finding(
                 kind=Kind.VANISHING_GRADIENT.value,
-                severity=(Severity.CRITICAL if critical else Severity.WARNING).value,
+                severity=severity.value,
                 layer=name,
                 step=first,
                 message=message,
@@ -214,29 +232,94 @@ def _exploding(history: History, series: dict[str, LayerSeries], th: Thresholds)
     names = list(series)
     for i, name in enumerate(names):
         s = series[name]
-        hit = _growth(s, th) or _ratio_explosion(s, th)
-        if hit is None:
+        # A layer born near zero (zero-init residual branches, ReZero) has gradients far above its weights
+        # while it wakes up: then the ratio does not stand alone.
+        waking = _weight_growth(s) >= th.exploding_waking_growth
+        hits = [(_growth(s, th), False), (_ratio_explosion(s, th), not waking), (_steady_growth(history, s, th), False)]
+        graded = [(_grade(hit, th, history, standalone=alone), hit) for hit, alone in hits if hit is not None]
+        if not graded:
             hit = _depth_explosion(s, [series[n] for n in names[i + 1 :]], th)
-        if hit is None:
-            continue
-        onset, sustained, evidence, what = hit
-        if not _explosion_symptom(history, onset, th):
-            continue
+            if hit is None:
+                continue
+            graded = [(_grade(hit, th, history, standalone=False), hit)]
+        severity, (onset, _, evidence, what) = max(graded, key=lambda g: g[0].rank)  # first of the worst
+        if severity == Severity.INFO:
+            evidence["gate"] = "the loss kept improving since the gradient rose"
         found.append(
             Finding(
                 kind=Kind.EXPLODING_GRADIENT.value,
-                severity=(Severity.CRITICAL if sustained else Severity.WARNING).value,
+                severity=severity.value,
                 layer=name,
                 step=onset,
                 message=f"The gradient at {name} {what}.",
                 hint=(
-                    "Lower the learning rate (or add warm-up) and clip gradients, e.g. "
+                    "Check that optimizer.zero_grad() runs every step (gradients accumulate otherwise); "
+                    "else lower the learning rate and clip gradients, e.g. "
+                    "torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)."
+                    if evidence.get("pattern") == "steady"
+                    else "Lower the learning rate (or add warm-up) and clip gradients, e.g. "
                     "torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)."
                 ),
                 evidence=evidence,
             )
         )
     return found
+
+
+def _weight_growth(s: LayerSeries) -> float:
+    """How many times the layer's weight norm grew from its first collected step to its largest since."""
+    w = [x for x in s.weight if math.isfinite(x)]
+    if not w:
+        return 1.0
+    return max(w) / w[0] if w[0] > 0 else math.inf
+
+
+def _grade(hit: _Hit, th: Thresholds, history: History, *, standalone: bool) -> Severity:
+    """Severity of one explosion rule's hit.
+
+    Three orders of magnitude above the weights (``standalone``) is never healthy, whatever the loss does
+    (Adam normalizes such gradients away, so the loss may still fall): it stands alone, and the loss only
+    sets how bad it is. The other rules are lowered to info when the loss kept improving.
+    """
+    onset, sustained, _, _ = hit
+    symptom = _explosion_symptom(history, onset, th)
+    if standalone:
+        if sustained and symptom:
+            return Severity.CRITICAL
+        return Severity.WARNING if sustained or symptom else Severity.INFO
+    if not symptom:
+        return Severity.INFO
+    return Severity.CRITICAL if sustained else Severity.WARNING
+
+
+def _steady_growth(history: History, s: LayerSeries, th: Thresholds) -> _Hit | None:
+    """Growing on nearly every collected step, ``exploding_steady_growth``-fold in all, while the loss
+    level rises off its low: what gradients summed over steps (``zero_grad()`` never called) look like."""
+    pts = [(st, g) for st, g in zip(s.steps, s.grad, strict=True) if math.isfinite(g) and g > 0]
+    if len(pts) < max(th.min_steps, 5):
+        return None
+    ups = sum(b[1] > a[1] for a, b in pairwise(pts))
+    share = ups / (len(pts) - 1)
+    growth = pts[-1][1] / pts[0][1]
+    if share < th.exploding_steady_share or growth < th.exploding_steady_growth:
+        return None
+    rise = level_rise(history, th)
+    if rise is None or rise < th.loss_level_rise:
+        return None
+    evidence: dict[str, float | int | str] = {
+        "grad_norm": pts[-1][1],
+        "first_grad_norm": pts[0][1],
+        "growth": growth,
+        "steps_growing": ups,
+        "steps": len(pts),
+        "loss_level_rise": rise,
+        "pattern": "steady",
+    }
+    what = (
+        f"grew {growth:.0f}x over the run, on {ups} of {len(pts) - 1} collected steps, while the loss level "
+        f"rose {rise:.2f}x off its low"
+    )
+    return pts[0][0], True, evidence, what
 
 
 _Hit = tuple[int, bool, "dict[str, float | int | str]", str]
@@ -317,18 +400,19 @@ def _depth_explosion(s: LayerSeries, later: list[LayerSeries], th: Thresholds) -
 
 def _explosion_symptom(history: History, onset: int, th: Thresholds) -> bool:
     """Does anything besides the gradient say training is in trouble from ``onset`` on?"""
-    nf = history.first_nonfinite
-    if nf is not None and nf.step >= onset:
+    nf = nonfinite_from(history)
+    if nf is not None and nf >= onset:
         return True
-    after = [v for st, v in history.losses if st >= onset]
-    prior = [v for st, v in history.losses if st < onset][-5:]
+    pts = loss_points(history)
+    after = [v for st, v in pts if st >= onset]
+    prior = [v for st, v in pts if st < onset][-5:]
     if after and prior:
         # The loss since the onset is no better than just before it: the big gradients are not helping.
         before_mean = sum(prior) / len(prior)
         change = (before_mean - sum(after) / len(after)) / max(abs(before_mean), 1e-12)
         return change < th.loss_plateau
     if after:
-        return loss_not_improving(history, th) is not False
+        return trend(history, th).stuck is not False
     return True  # no loss given: nothing to gate on, the gradient rule stands alone
 
 

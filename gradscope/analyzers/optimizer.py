@@ -31,8 +31,9 @@ from statistics import median
 from ..config import Thresholds
 from ..findings import Finding, Kind, Severity
 from ..stats.history import History
-
-Points = list[tuple[int, float]]
+from .loss import Points, loss_points, roughness, start_level
+from .loss import change as loss_change
+from .loss import level as _level
 
 
 # --- per-layer update series ------------------------------------------------------------------------
@@ -44,6 +45,7 @@ class UpdateSeries:
     ratio: list[float] = field(default_factory=list)  # ||dw|| / ||w|| of the layer's weight matrices
     lr: list[float | None] = field(default_factory=list)  # the largest lr among those parameters
     adam: list[float | None] = field(default_factory=list)  # RMS of Adam's lr / (sqrt(v_hat) + eps)
+    born_zero: bool = False  # weights exactly zero when first seen: its first steps are ~||w|| by design
 
     @property
     def lr_peak(self) -> float | None:
@@ -86,6 +88,8 @@ def update_series(history: History) -> dict[str, UpdateSeries]:
             )
             if ratio is None:
                 continue
+            if not s.steps and math.isinf(ratio) and all(p.weight_norm == 0 for p in got):
+                s.born_zero = True
             lrs = [p.lr for p in got if p.lr is not None]
             adam = [p.adam_step_rms for p in got if p.adam_step_rms is not None]
             s.steps.append(rec.step)
@@ -128,21 +132,6 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
-def loss_change(points: Points) -> float | None:
-    """Relative improvement from the first to the last quarter of ``points`` (positive = improving).
-
-    None when fewer than eight points (can't tell), ``-inf`` when a loss went non-finite.
-    """
-    if len(points) < 8:
-        return None
-    vals = [v for _, v in points]
-    if not all(_finite(v) for v in vals):
-        return -math.inf
-    q = len(vals) // 4
-    early, late = sum(vals[:q]) / q, sum(vals[-q:]) / q
-    return (early - late) / max(abs(early), 1e-12)
-
-
 @dataclass
 class LossEvent:
     """One divergence symptom of the loss curve."""
@@ -158,15 +147,6 @@ class LossEvent:
 BASELINE_WINDOWS = 4
 
 
-def _level(vals: list[float]) -> float:
-    """A window's loss level: its 10 %-trimmed mean. The mean follows a small-batch loss whose values are
-    two clouds (right / wrong answers) where a median jumps between them; trimming drops a lone spike."""
-    x = sorted(vals)
-    k = len(x) // 10
-    x = x[k : len(x) - k] if k else x
-    return sum(x) / len(x)
-
-
 def find_rise(points: Points, th: Thresholds) -> LossEvent | None:
     """The first point where the loss level (last ``loss_window`` losses) has risen to ``loss_rise`` x the
     lowest level of the long windows before it (for a loss at or below zero: by ``loss_rise - 1`` x its
@@ -179,28 +159,40 @@ def find_rise(points: Points, th: Thresholds) -> LossEvent | None:
         return None
     level = [_level(vals[max(0, i - w + 1) : i + 1]) for i in range(len(vals))]
     long = [_level(vals[max(0, i - BASELINE_WINDOWS * w + 1) : i + 1]) for i in range(len(vals))]
-    # Where training began: the median of the first three losses (at initialization every sample's loss is
-    # alike, so three are enough), also the first level a rise is measured from: a loss that blows up
-    # within the first window is caught too.
-    start = median(vals[:3])
+    # Where training began (the first loss, see loss.start_level), also the first level a rise is measured
+    # from: a loss that blows up within the first window is caught too.
+    start = start_level(points)
+    if start is None:
+        return None
+    rough = roughness(points)
+    # The first level a rise of ``loss_rise`` x is measured from: three losses, robust to one noisy draw.
+    first_level = median(vals[:3])
 
-    def risen(v: float, low: float) -> bool:
+    # Each window's lower quartile: most of its losses, not a noisy cloud straddling the start, are up.
+    q1 = [sorted(vals[max(0, i - w + 1) : i + 1])[min(i + 1, w) // 4] for i in range(len(vals))]
+
+    def risen(i: int, low: float) -> bool:
+        v = level[i]
+        # Well above where the run began for a whole window: the updates made the model worse than untrained.
+        over = th.loss_rise_over_start + 2 * rough  # a noisy start is uncertain by about its roughness
+        if start > 0 and v >= over * start and q1[i] >= (1 + over) / 2 * start:
+            return True
         rise = v - low
-        return rise > 0 and rise >= (th.loss_rise - 1) * abs(low) and rise >= th.loss_giveback * (start - low)
+        return rise > 0 and rise >= (th.loss_rise - 1) * abs(low) and rise >= th.loss_giveback * (first_level - low)
 
-    low, low_at = start, min(1, len(vals) - 1)
+    low, low_at = first_level, min(1, len(vals) - 1)
     for i in range(first, len(vals)):
         j = i - w  # the long window that ends where the current short window begins
         if j >= first and long[j] < low:
             low, low_at = long[j], j
         if j < first and level[i - 1] < low:
             low, low_at = level[i - 1], i - 1  # too early for long windows: the lowest level so far
-        if risen(level[i], low):
+        if risen(i, low):
             ev: dict[str, float | int | str] = {
                 "loss": level[i], "loss_first": vals[0], "loss_min": low, "loss_min_step": points[low_at][0],
                 "rise_factor": level[i] / low if low > 0 else math.inf, "loss_last": level[-1],
             }
-            recovered = not risen(level[-1], low)
+            recovered = not risen(len(vals) - 1, low)
             return LossEvent("rise", points[i][0], Severity.WARNING if recovered else Severity.CRITICAL, ev)
     return None
 
@@ -266,7 +258,7 @@ class _Run:
     events: list[LossEvent]
 
     def loss_since(self, step: int) -> Points:
-        return [(s, v) for s, v in self.history.losses if s >= step]
+        return [(s, v) for s, v in loss_points(self.history) if s >= step]
 
     def diverges(self, step: int, until: int | None) -> bool:
         """Did the loss rise or go non-finite (a lone spike does not count) from ``step`` until ``until``?"""
@@ -274,7 +266,7 @@ class _Run:
 
 
 def analyze(history: History, thresholds: Thresholds) -> list[Finding]:
-    run = _Run(history, thresholds, loss_events(list(history.losses), history, thresholds))
+    run = _Run(history, thresholds, loss_events(loss_points(history), history, thresholds))
     findings = [f for layer, s in update_series(history).items() if (f := _update_finding(layer, s, run))]
     div = _divergence_finding(run)
     if div is not None:
@@ -307,7 +299,7 @@ def _large_episode(s: UpdateSeries, run: _Run) -> tuple[int, Severity, str] | No
             return i, Severity.CRITICAL, "diverging"
     i_high = first_sustained([r >= th.update_ratio_high for r in s.ratio], win, frac, need)
     if i_high is None:
-        return None
+        return _one_rewrite(s, th)
     step = s.steps[i_high]
     if run.diverges(step, _episode_end(s, i_high, th)):
         return i_high, Severity.CRITICAL, "diverging"
@@ -321,7 +313,16 @@ def _large_episode(s: UpdateSeries, run: _Run) -> tuple[int, Severity, str] | No
         return i_crit, Severity.CRITICAL, "not improving" if change is not None else "not given"
     if change is not None and not improving:
         return i_high, Severity.WARNING, "not improving"
-    return None  # large but working (or no loss to tell): a choice, not a bug
+    return _one_rewrite(s, th)  # large but working (or no loss to tell): a choice, unless one step was huge
+
+
+def _one_rewrite(s: UpdateSeries, th: Thresholds) -> tuple[int, Severity, str] | None:
+    """One step as large as the weights themselves stands alone, whatever the loss does: no healthy run
+    takes it (healthy steps are ~1e-3 of the weights; warm-up exists to avoid exactly this)."""
+    if s.born_zero:
+        return None  # a zero-initialized layer doubles its tiny weights on its second step, by design
+    i = next((i for i, r in enumerate(s.ratio) if r >= th.update_ratio_critical), None)
+    return None if i is None else (i, Severity.WARNING, "one step")
 
 
 def _too_large(layer: str, s: UpdateSeries, run: _Run) -> Finding | None:
@@ -346,7 +347,8 @@ def _too_large(layer: str, s: UpdateSeries, run: _Run) -> Finding | None:
     where = f"layer '{layer}'" if layer else "the root module"
     lr_text = f" (now {lr:.3g})" if lr is not None else ""
     loss_text = {"diverging": "the loss diverges", "not improving": "the loss does not improve",
-                 "improving": "the loss still improves", "not given": "no loss was given"}[verdict]
+                 "improving": "the loss still improves", "not given": "no loss was given",
+                 "one step": "a step as large as the weights rewrites what the layer had learned"}[verdict]
     return Finding(
         kind=Kind.UPDATE_RATIO.value,
         severity=severity,
@@ -373,7 +375,7 @@ def _too_small(layer: str, s: UpdateSeries, run: _Run) -> Finding | None:
     if lrs and lrs[-1] > lrs[0]:
         return None  # the schedule is still warming up: its peak is yet to come, tiny steps are by design
     # "While the loss is not improving": over the whole run and since the tiny steps began.
-    overall, since = loss_change(list(run.history.losses)), loss_change(run.loss_since(step))
+    overall, since = loss_change(loss_points(run.history)), loss_change(run.loss_since(step))
     if overall is None or since is None or not math.isfinite(overall) or not math.isfinite(since):
         return None
     if overall >= th.loss_plateau or since >= th.loss_plateau or run.diverges(step, None):
@@ -448,8 +450,10 @@ def _divergence_message(e: LossEvent) -> str:
 
 
 def _divergence_hint(e: LossEvent) -> str:
-    if e.how == "nonfinite" and "nonfinite_layer" in e.evidence:
-        return f"See the nonfinite finding for layer '{e.evidence['nonfinite_layer']}'; then lower the learning rate or clip gradients."
+    if e.how == "nonfinite":
+        # A NaN is a numerical fault first (log of zero, a fully masked softmax row, 0/0), not a step size.
+        where = f" for layer '{e.evidence['nonfinite_layer']}'" if "nonfinite_layer" in e.evidence else ""
+        return f"See the nonfinite finding{where}: fix the operation that produces NaN/Inf there first."
     if e.how == "spike":
         return "Check the batch at that step for bad data, or clip gradients / lower the learning rate if spikes recur."
     return "Lower the learning rate, add warm-up, or clip gradients."

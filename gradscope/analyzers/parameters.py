@@ -34,6 +34,20 @@ def _by_layer(history: History, names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
+_SINGULAR = {
+    "receive": "receives",
+    "require": "requires",
+    "are": "is",
+    "they never train": "it never trains",
+    "the optimizer never updates them": "the optimizer never updates it",
+}
+
+
+def verb(plural: str, names: list[str]) -> str:
+    """The plural phrase for several parameters, its singular for one ("fc2.weight receives ...")."""
+    return plural if len(names) > 1 else _SINGULAR[plural]
+
+
 def _first_step(history: History) -> int | None:
     return history.first.step if history.first is not None else None
 
@@ -53,7 +67,8 @@ def _unused(history: History, collected: int, th: Thresholds) -> list[Finding]:
                 layer=layer,
                 step=_first_step(history),
                 message=(
-                    f"{listed} ({numel} values) require gradients but never received one in "
+                    f"{listed} ({numel} values) {verb('require', names)} gradients but "
+                    f"never received one in "
                     f"{collected} collected steps."
                 ),
                 hint=(
@@ -101,8 +116,9 @@ def _not_in_optimizer(history: History) -> list[Finding]:
                 layer=layer,
                 step=_first_step(history),
                 message=(
-                    f"{listed} receive gradients but are in no param group of the optimizer, so "
-                    f"{'they never train' if frozen else 'the optimizer never updates them'}."
+                    f"{listed} {verb('receive', names)} gradients but {verb('are', names)} in no param group "
+                    f"of the optimizer, so "
+                    f"{verb('they never train', names) if frozen else verb('the optimizer never updates them', names)}."
                 ),
                 hint=(
                     "Build the optimizer from model.parameters() (or add a param group for this layer), "

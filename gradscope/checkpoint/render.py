@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..reporters.terminal import SEVERITY_LABEL, SEVERITY_STYLE, fmt, shorten, verdict
+from ..reporters.terminal import findings_table, fmt, shorten, verdict
 from .inspect import Inspection
 
 #: Table rows shown before "... N more"; the JSON (--json) always has all of them.
@@ -37,24 +37,8 @@ def render_inspection(inspection: Inspection, console: Console, max_rows: int = 
                           "synthetic input, weights not updated", style="dim"))
     console.print(Panel(Group(*lines), title="[bold]gradscope inspect[/]", title_align="left", box=box.ROUNDED))
     if report.findings:
-        console.print(_findings(report.findings))
+        console.print(findings_table(report, console.width))  # grouped and named as in a training report
     console.print(_weights(report.layers, console.width, max_rows))
-
-
-def _findings(findings: list[Any]) -> Table:
-    table = Table(title="Findings", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                  pad_edge=False, expand=True)
-    table.add_column("", width=4, no_wrap=True)
-    table.add_column("kind · layer", no_wrap=True, max_width=34, overflow="ellipsis")
-    table.add_column("what · fix", ratio=1, overflow="fold")
-    for f in findings:
-        where = Text(f.kind, style="bold")
-        where.append("\n" + (f.layer or "(model)"), style="cyan")
-        what = Text(f.message)
-        if f.hint:
-            what.append("\n→ " + f.hint, style="dim")
-        table.add_row(Text(SEVERITY_LABEL[f.severity], style=SEVERITY_STYLE[f.severity]), where, what)
-    return table
 
 
 def _weights(layers: dict[str, dict[str, Any]], width: int, max_rows: int) -> Table:

@@ -207,7 +207,9 @@ def _gain_problems(layer: Layer, th: Thresholds, trained: str | None) -> list[Pr
             return [(Severity.INFO, "its gain is exactly zero, so it outputs only its bias: expected for a "
                      "zero-initialised residual branch before training, a dead branch after it",
                      "Nothing to do before training; after training, re-initialize the gain to 1.", ev)]
-        return [(Severity.WARNING, "its gain is exactly zero, so it outputs only its bias (the layer "
+        # RMSNorm (and T5's LayerNorm) has no bias: with a zero gain its output is exactly zero.
+        output = "only its bias" if "bias" in layer.tensors else "exactly zero"
+        return [(Severity.WARNING, f"its gain is exactly zero, so it outputs {output} (the layer "
                  "passes no signal)", hint, ev)]
     if gain.rms < th.norm_gain_collapse:
         return [(Severity.WARNING, f"its gain collapsed toward zero (RMS {gain.rms:.3g})", hint, ev)]

@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from typing import Any
 
 from ..findings import Report
@@ -44,9 +44,13 @@ def write_json(report: Report, path: str | os.PathLike[str], summary: dict[str, 
 def _replace(target: str, text: str) -> bool:
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gradscope-", suffix=".json.tmp", dir=directory)
+    # Not tempfile.mkstemp: it creates the file 0600 whatever the umask, and os.replace keeps that mode,
+    # so the report would be private while the event files beside it are not. os.open with 0o666 lets
+    # the user's umask decide, as it does for every other file the run writes; O_EXCL keeps it ours.
+    tmp = os.path.join(directory, f".gradscope-{secrets.token_hex(8)}.json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.write("\n")
         os.replace(tmp, target)

@@ -21,6 +21,7 @@ from rich.text import Text
 from ..findings import Finding, Report
 from ._kinds import stats_for
 from ._values import as_float
+from .grouping import FindingGroup, group_findings
 
 SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "blue"}
 SEVERITY_LABEL = {"critical": "CRIT", "warning": "WARN", "info": "info"}
@@ -47,7 +48,7 @@ def render_report(report: Report, console: Console, summary: dict[str, Any] | No
     console.print(_summary_panel(report, summary))
     if report.findings:
         console.print()
-        console.print(_findings_table(report.findings, console.width))
+        console.print(findings_table(report, console.width))
     flow = _flow_table(report, console.width)
     if flow is not None:
         console.print()
@@ -66,21 +67,25 @@ def render_brief(
     For many reports in a row (``gradscope demo``), where the full report of each would be too long.
     """
     s = summary or {}
-    findings = sorted(report.findings, key=lambda f: f.kind not in first)  # stable: severity order kept
-    for i, f in enumerate(findings[:limit]):
+    groups = sorted(group_findings(report.findings, report.layers), key=lambda g: g.kind not in first)  # stable
+    for i, g in enumerate(groups[:limit]):
+        f = g.lead
         head = Text("  ")
-        head.append(SEVERITY_LABEL[f.severity], style=SEVERITY_STYLE[f.severity])
-        head.append(f" {f.kind}", style="bold")
-        head.append(f" at {f.layer or '(model)'}" + ("" if f.step is None else f", step {f.step}"), style="cyan")
+        head.append(SEVERITY_LABEL[g.severity], style=SEVERITY_STYLE[g.severity])
+        head.append(f" {g.kind}", style="bold")
+        where = " … ".join(dict.fromkeys((g.layers[0] or "(model)", g.layers[-1] or "(model)")))
+        size = f" ({len(g.layers)} layers)" if len(g.layers) > 1 else ""
+        when = "" if g.step is None else (f", from step {g.step}" if size else f", step {g.step}")
+        head.append(f" at {where}{size}{when}", style="cyan")
         console.print(head)
         console.print(Padding(Text(f.message), (0, 0, 0, 7)))
         if f.hint and i == 0:  # one fix is enough in a brief; the full report has all of them
             console.print(Padding(Text("→ " + f.hint, style="dim"), (0, 0, 0, 7)))
-    rest = findings[limit:]
+    rest = groups[limit:]
     if rest:
         counts: dict[str, int] = {}
-        for f in rest:
-            counts[f.kind] = counts.get(f.kind, 0) + 1
+        for g in rest:
+            counts[g.kind] = counts.get(g.kind, 0) + len(g.layers)
         also = "also: " + ", ".join(f"{k} ×{n}" for k, n in counts.items())
         console.print(Padding(Text(also, style="dim"), (0, 0, 0, 2)))
     if not report.findings:
@@ -100,10 +105,12 @@ def verdict(report: Report) -> Text:
     if not actionable:
         notes = f" ({counts['info']} note{'s' * (counts['info'] != 1)} below)" if counts["info"] else ""
         return Text(f"✔ Healthy: no problems found{notes}.", style="bold green")
-    top = report.findings[0]
+    top = group_findings(report.findings, report.layers)[0]
     parts = [f"{n} {s}{'s' * (n > 1 and s == 'warning')}" for s, n in counts.items() if n and s != "info"]
-    where = f" at {top.layer}" if top.layer else ""
-    when = f" (step {top.step})" if top.step is not None else ""
+    ends = list(dict.fromkeys((top.layers[0], top.layers[-1])))
+    where = f" at {' … '.join(ends)}" if any(ends) else ""
+    span = f"{len(top.layers)} layers, " if len(top.layers) > 1 else ""
+    when = f" ({span}step {top.step})" if top.step is not None else (f" ({span[:-2]})" if span else "")
     icon = SEVERITY_ICON[top.severity]
     return Text(f"{icon} {', '.join(parts)}. First: {top.kind}{where}{when}.", style=SEVERITY_STYLE[top.severity])
 
@@ -136,7 +143,7 @@ def _loss_line(s: dict[str, Any]) -> Text | None:
     low = as_float(s.get("loss_min"))
     if low is not None:
         line.append(f" (min {fmt(low)})", style="dim")
-    curve = [as_float(v) for v in s.get("loss_curve") or []]
+    curve = curve_values(s.get("loss_curve"))
     if len(curve) > 1:
         line.append("  ")
         line.append_text(sparkline(curve))
@@ -158,7 +165,7 @@ def _lr_lines(s: dict[str, Any]) -> list[Text]:
         if first is not None and first != last:
             line.append(f"{fmt(first)} → ")
         line.append(fmt(last), style="bold")
-        curve = [as_float(v) for v in curves[g]] if g < len(curves) else []
+        curve = curve_values(curves[g]) if g < len(curves) else []
         if len(curve) > 1 and max((c or 0) for c in curve) > min((c or 0) for c in curve):
             line.append("  ")
             line.append_text(sparkline(curve, log=False))
@@ -168,10 +175,19 @@ def _lr_lines(s: dict[str, Any]) -> list[Text]:
     return lines
 
 
+def curve_values(points: Any) -> list[float | None]:
+    """The values of a summary curve: ``[step, value]`` pairs (as the summary writes them) or bare numbers."""
+    if not isinstance(points, (list, tuple)):
+        return []
+    return [as_float(p[1] if isinstance(p, (list, tuple)) and len(p) == 2 else p) for p in points]
+
+
 # --- findings ----------------------------------------------------------------------------------------
 
 
-def _findings_table(findings: Sequence[Finding], width: int) -> Table:
+def findings_table(report: Report, width: int) -> Table:
+    """The findings, one row per kind over a contiguous run of layers (see :mod:`.grouping`)."""
+    groups = group_findings(report.findings, report.layers)
     table = Table(
         title="Findings",
         title_justify="left",
@@ -182,25 +198,72 @@ def _findings_table(findings: Sequence[Finding], width: int) -> Table:
         expand=True,
     )
     table.add_column("", width=4, no_wrap=True)
-    kind_width = min(22, max(len(f.kind) for f in findings))
+    # Room for the longest kind (saturated_activation) and a layer's last two parts at 80 columns.
+    kind_width = 22 if width >= 80 else min(22, max(len(g.kind) for g in groups))
     table.add_column("kind · layer", width=kind_width, no_wrap=True, overflow="ellipsis")
     table.add_column("step", justify="right", width=5, no_wrap=True)
     table.add_column("what · fix", ratio=1, overflow="fold")
     hinted: set[str] = set()
-    for f in findings[:MAX_FINDINGS]:
-        style = SEVERITY_STYLE[f.severity]
-        where = Text(f.kind, style="bold")
+    for g in groups[:MAX_FINDINGS]:
+        f = g.lead
+        where = Text(g.kind, style="bold")
         where.append("\n")
-        where.append(shorten(f.layer, kind_width) if f.layer else "(model)", style="cyan")
-        what = Text(f.message)
-        if f.hint and f.hint not in hinted:  # the same fix for ten layers is said once, at the first
+        where.append(layer_span(g.layers, kind_width), style="cyan")
+        what = Text()
+        full = _full_names(g, kind_width)
+        if full:
+            what.append(full + "\n", style="cyan")
+        what.append(f.message)
+        if f.hint and f.hint not in hinted:  # the same fix for ten rows is said once, at the first
             what.append("\n→ " + f.hint, style="dim")
             hinted.add(f.hint)
-        step = "—" if f.step is None else str(f.step)
-        table.add_row(Text(SEVERITY_LABEL[f.severity], style=style), where, step, what)
-    if len(findings) > MAX_FINDINGS:
-        table.caption = f"… and {len(findings) - MAX_FINDINGS} more (all of them in gradscope.json / --json)"
+        step = "—" if g.step is None else str(g.step)
+        table.add_row(Text(SEVERITY_LABEL[g.severity], style=SEVERITY_STYLE[g.severity]), where, step, what)
+    if len(groups) > MAX_FINDINGS:
+        rest = groups[MAX_FINDINGS:]
+        table.caption = (f"… and {len(rest)} more rows ({sum(len(g.findings) for g in rest)} findings; "
+                         "all of them in gradscope.json / --json)")
     return table
+
+
+def layer_span(layers: Sequence[str], width: int) -> str:
+    """``fc0`` for one layer, ``fc0 … fc13`` for a run; where the ends differ in one place only, that
+    place: ``transformer.h.0…11.mlp.c_fc``, shortened as :func:`shorten` does (``t.h.0…11.mlp.c_fc``)."""
+    names = [n or "(model)" for n in layers]
+    if len(names) == 1:
+        return shorten(names[0], width)
+    a, b = names[0], names[-1]
+    both = f"{a} … {b}"
+    if len(both) <= width:
+        return both
+    pa, pb = a.split("."), b.split(".")
+    if len(pa) == len(pb) and len(pa) > 1:
+        n = len(pa)
+        k = next((i for i in range(n) if pa[i] != pb[i]), n)
+        m = next((i for i in range(n - k) if pa[n - 1 - i] != pb[n - 1 - i]), n - k)
+        mid = f"{'.'.join(pa[k : n - m])}…{'.'.join(pb[k : n - m])}"
+        head, tail = pa[:k], pa[n - m :]
+        for candidate in (
+            ".".join([*head, mid, *tail]),
+            ".".join([*(p if p.isdigit() else p[:1] for p in head), mid, *tail]),
+            "…" + ".".join([mid, *tail]),
+        ):
+            if len(candidate) <= width:
+                return candidate
+    side = max(1, (width - 3) // 2)
+    return f"{shorten(a, side)} … {shorten(b, side)}"
+
+
+def _full_names(g: FindingGroup, width: int) -> str:
+    """The line that names the group's layers in full, once: always for a run, for one layer when shortened."""
+    layers = g.layers
+    if len(layers) == 1:
+        name = layers[0]
+        return name if name and shorten(name, width) != name else ""
+    counts = g.severity_counts()
+    mixed = f" ({', '.join(f'{n} {s}' for s, n in counts.items())})" if len(counts) > 1 else ""
+    when = "" if g.step is None else f", from step {g.step}"
+    return f"{layers[0]} … {layers[-1]}, {len(layers)} layers{when}{mixed}"
 
 
 # --- gradient flow -----------------------------------------------------------------------------------
@@ -328,19 +391,28 @@ def fmt(value: float | None) -> str:
 
 
 def shorten(name: str, width: int) -> str:
-    """Fit a dotted module name into ``width``: abbreviate the outer names first, keep the leaf whole.
+    """Fit a dotted module name into ``width``, one way everywhere: a name that fits stays whole;
+    otherwise every part but the last two becomes its initial (numbers stay whole), then parts go from
+    the left behind "…"; the last two parts are kept whole as long as they fit at all.
 
-    ``encoder.layers.11.self_attn.out_proj`` → ``e.l.11.self_attn.out_proj`` → ``…self_attn.out_proj``.
+    ``encoder.layers.11.self_attn.out_proj`` → ``e.l.11.self_attn.out_proj`` → ``…11.self_attn.out_proj``
+    → ``…self_attn.out_proj``.
     """
     if len(name) <= width:
         return name
     parts = name.split(".")
-    for i in range(len(parts) - 1):
-        if not parts[i].isdigit():
-            parts[i] = parts[i][0]
-        candidate = ".".join(parts)
+    if len(parts) > 2:
+        head = [p if p.isdigit() else p[:1] for p in parts[:-2]]
+        tail = parts[-2:]
+        candidate = ".".join(head + tail)
         if len(candidate) <= width:
             return candidate
+        for k in range(1, len(head) + 1):
+            candidate = "…" + ".".join(head[k:] + tail)
+            if len(candidate) <= width:
+                return candidate
+    if width <= 1:
+        return "…"[:width]
     return "…" + name[-(width - 1) :]
 
 

@@ -18,6 +18,42 @@ from .sentinel import SentinelLog
 
 #: Losses kept from the start of a run (see ``History.loss_start``).
 LOSS_START_KEPT = 64
+#: Points of the whole-run curves (loss, learning rates) kept at reduced resolution.
+CURVE_POINTS = 512
+#: Non-finite points a thinning of a curve always keeps.
+KEPT_BREAKS = 16
+
+
+@dataclass
+class Downsampled:
+    """A whole-run curve in bounded memory: at most ``limit`` points, evenly spaced in steps.
+
+    When full, every other point is dropped and the spacing doubles, so the curve always spans the
+    run from its first step at a resolution of ``limit / 2`` points or better. A non-finite value is
+    always kept (once, where it first follows a finite one): the moment a run broke must show.
+    """
+
+    limit: int = CURVE_POINTS
+    stride: int = 1
+    points: list[tuple[int, float]] = field(default_factory=list)
+
+    def add(self, step: int, value: float) -> None:
+        value = float(value)
+        if self.points and step <= self.points[-1][0]:
+            if step == self.points[-1][0]:
+                self.points[-1] = (step, value)  # the same step again: the latest value wins
+            return
+        breaks = not _finite(value) and (not self.points or _finite(self.points[-1][1]))
+        if self.points and step - self.points[-1][0] < self.stride and not breaks:
+            return
+        self.points.append((step, value))
+        if len(self.points) > self.limit:
+            kept = self.points[::2]  # the first point stays: where the run began
+            # Never thin away the point where a run broke (a bounded number of them: memory stays bounded).
+            breaks = [b for a, b in zip(self.points[::2], self.points[1::2], strict=False) if _finite(a[1]) and not _finite(b[1])]
+            kept += breaks[:KEPT_BREAKS]
+            self.points = sorted(kept, key=lambda p: p[0])
+            self.stride *= 2
 
 
 @dataclass
@@ -41,6 +77,9 @@ class History:
     # The run's first losses, never dropped from the ring: where training began is the baseline that
     # divergence and the report's "loss first -> last" are measured from.
     loss_start: list[tuple[int, float]] = field(default_factory=list, init=False)
+    loss_curve: Downsampled = field(default_factory=Downsampled, init=False)  # the whole run, thinned
+    loss_min: float | None = field(default=None, init=False)  # the lowest finite loss of the run
+    lr_curves: list[Downsampled] = field(default_factory=list, init=False)  # per param group, whole run
     skipped_steps: list[int] = field(default_factory=list, init=False)  # bounded: last `capacity`
     skipped_total: int = field(default=0, init=False)
     # Per-step sentinels (every step, collected or not): first non-finite steps, gradient norms, bursts.
@@ -61,6 +100,10 @@ class History:
                 self.ever_grad.add(name)
         if record.loss is not None:
             self.add_loss(record.step, record.loss)
+        for g, lr in enumerate(record.lrs):
+            if g >= len(self.lr_curves):
+                self.lr_curves.append(Downsampled())
+            self.lr_curves[g].add(record.step, lr)
         if record.skipped:
             self.add_skipped(record.step)
         if self.first_nonfinite is None or self.first_located is None:
@@ -77,6 +120,9 @@ class History:
             self.losses.append((step, float(loss)))
         else:
             self.losses[-1] = (step, float(loss))
+        self.loss_curve.add(step, loss)
+        if _finite(loss) and (self.loss_min is None or loss < self.loss_min):
+            self.loss_min = float(loss)
         if self.first_nonfinite is None and not _finite(loss):
             self.first_nonfinite = NonfiniteEvent(step=step, layer="", source="loss", tensor="loss")
 

@@ -67,33 +67,60 @@ def layer_summary(history: History, window: int = SUMMARY_WINDOW) -> dict[str, d
 
 
 def _thin(points: list, n: int) -> list:
-    """At most n points spread evenly over a curve, always keeping the first and the last."""
+    """At most n points spread evenly over a curve of (step, value): the first, the last, and one per
+    stretch in between, a non-finite one when the stretch has any (where a run broke must stay visible)."""
     if len(points) <= n:
         return list(points)
-    idx = sorted({round(i * (len(points) - 1) / (n - 1)) for i in range(n)})
-    return [points[i] for i in idx]
+    out = []
+    for i in range(n):
+        lo, hi = round(i * len(points) / n), round((i + 1) * len(points) / n)
+        chunk = points[lo:hi]
+        if i == n - 1:
+            out.append(points[-1])
+            continue
+        bad = [p for p in chunk if isinstance(p, (tuple, list)) and not math.isfinite(p[1])]
+        out.append(bad[0] if bad and i else chunk[0])
+    return out
 
 
 def run_summary(history: History, curve_points: int = 40) -> dict[str, Any]:
-    """Run-level context: the loss curve and the learning-rate schedule, thinned for display."""
+    """Run-level context: the loss curve and the learning-rate schedule of the whole run, thinned for display.
+
+    "First" is where the run began (``History.loss_start``), not the oldest loss the ring still holds:
+    a long run summarized from its last thousand steps would hide most of what it learned.
+    """
     losses = list(history.losses)
-    finite = [v for _, v in losses if math.isfinite(v)]
+    start = history.loss_start or losses[:1]
     records = list(history.records)
     last = history.last
-    groups = max((len(r.lrs) for r in records), default=0)
-    lr_curves = [
-        [[r.step, r.lrs[g]] for r in _thin([r for r in records if len(r.lrs) > g], curve_points)]
-        for g in range(groups)
-    ]
+    curve = _whole(history.loss_curve.points, losses)
+    lr_curves = [[[s, v] for s, v in _thin(c.points, curve_points)] for c in history.lr_curves]
+    if not lr_curves:  # a history built by hand (tests) without the whole-run curves
+        groups = max((len(r.lrs) for r in records), default=0)
+        lr_curves = [
+            [[r.step, r.lrs[g]] for r in _thin([r for r in records if len(r.lrs) > g], curve_points)]
+            for g in range(groups)
+        ]
+    finite = [v for _, v in losses if math.isfinite(v)]
+    low = history.loss_min if history.loss_min is not None else (min(finite) if finite else None)
     return {
         "steps": history.steps_seen,
         "collected": len(records),
-        "loss_first": losses[0][1] if losses else None,
+        "loss_first": start[0][1] if start else None,
+        "loss_first_step": start[0][0] if start else None,
         "loss_last": losses[-1][1] if losses else None,
-        "loss_min": min(finite) if finite else None,
-        "loss_curve": [[s, v] for s, v in _thin(losses, curve_points)],
+        "loss_min": low,
+        "loss_curve": [[s, v] for s, v in _thin(curve, curve_points)],
         "lrs_first": list(history.first.lrs) if history.first is not None else [],
         "lrs": list(last.lrs) if last is not None else [],
         "lr_curves": lr_curves,
         "skipped_steps": history.skipped_total,
     }
+
+
+def _whole(curve: list[tuple[int, float]], recent: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The downsampled whole-run curve, ending at the run's latest loss (which thinning may have skipped)."""
+    points = list(curve) or list(recent)
+    if recent and (not points or recent[-1][0] > points[-1][0]):
+        points.append(recent[-1])
+    return points
