@@ -12,7 +12,8 @@ Importing this module imports Lightning; ``import gradscope`` never does.
 What happens when (see docs/integrations.md):
 
 - ``on_fit_start``: the LightningModule is watched with the Trainer's torch optimizers, so every optimizer
-  step ends one gradscope step (the Trainer needs no other line).
+  step ends one gradscope step (the Trainer needs no other line). The precision plugin's GradScaler (fp16
+  mixed precision), when there is one, is handed to :func:`gradscope.watch` as ``scaler=``.
 - ``on_train_batch_end``: the batch's loss (``training_step``'s output) joins the step it belongs to; with
   ``accumulate_grad_batches=k`` the k micro-batch losses of one optimizer step are averaged.
 - ``on_fit_end`` / ``on_exception`` / ``teardown``: the scope is closed (hooks removed, files flushed) and
@@ -96,6 +97,10 @@ class GradscopeCallback(pl.Callback):
         # Lightning steps with optimizer.step(closure): gradscope reads the gradients right after the
         # closure's first call, so the statistics are those of this step's backward.
         optimizers = [_torch_optimizer(o) for o in trainer.optimizers]
+        options = dict(self.watch_options)
+        scaler = framework_scaler(trainer)
+        if scaler is not None and options.get("scaler") is None:
+            options["scaler"] = scaler  # fp16: steps the scaler skips are skipped steps, not NaNs
         self.scope = watch(
             pl_module,
             optimizers or None,
@@ -103,7 +108,7 @@ class GradscopeCallback(pl.Callback):
             every=self.every,
             console=self.console,
             thresholds=self.thresholds,
-            **self.watch_options,
+            **options,
         )
         self.report = None
         self._pending = []
@@ -167,6 +172,18 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
             f"GradscopeCallback needs torch.optim.Optimizer instances, the Trainer has {type(optimizer).__name__}"
         )
     return optimizer
+
+
+def framework_scaler(trainer: Any) -> Any:
+    """The GradScaler of the Trainer's precision plugin ("16-mixed" on a GPU, or one passed to
+    ``MixedPrecision(scaler=...)``); None without one."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    if plugin is None:
+        plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    scaler = getattr(plugin, "scaler", None)
+    if scaler is None or not all(hasattr(scaler, a) for a in ("update", "get_scale", "step")):
+        return None
+    return scaler if getattr(scaler, "is_enabled", lambda: True)() else None
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:
