@@ -22,7 +22,17 @@ def combiner() -> Combiner | None:
     dist = _dist()
     if dist is None or dist.get_world_size() < 2:
         return None
-    return Combiner()
+    return Combiner(device=collective_device())
+
+
+def collective_device():  # type: ignore[no-untyped-def]
+    """Where this process group's collectives run: the current CUDA device for NCCL, else the CPU."""
+    import torch
+
+    dist = _dist()
+    if dist is not None and dist.get_backend() == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None  # gloo and others: the buffer's own device
 
 
 def is_main_process() -> bool:

@@ -24,6 +24,7 @@ from .findings import Report
 from .hooks import selection
 from .hooks.backward import BirthHooks
 from .hooks.capture import ModuleHooks
+from .hooks.guard import KIND_TO_STAT, MODEL, Guard
 from .hooks.handles import HandleSet
 from .hooks.optimizer import after_first_call, closure_of, patch_scaler_update, with_closure
 from .hooks.param_grads import ParamGradHooks, apply_pre_clip
@@ -66,6 +67,8 @@ class Scope:
         self.model = model
         self.scaler = scaler
         self._combiner = distributed.combiner()
+        if self._combiner is not None:
+            self._combiner.on_disagree = self._ranks_disagree
         self._main = distributed.is_main_process()  # only rank 0 writes files and prints
         self.optimizers: list[torch.optim.Optimizer] = (
             [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
@@ -100,7 +103,10 @@ class Scope:
             has_optimizer=bool(self.optimizers),
             optimizer_types=[type(o).__name__ for o in self.optimizers],
         )
-        self._modules = ModuleHooks(self._collector, self._handles, self.history.layers, self.histograms)
+        self._guard = Guard(self.history.unmeasured, {n: i.type for n, i in self.history.layers.items()})
+        self._modules = ModuleHooks(
+            self._collector, self._handles, self.history.layers, self.histograms, self._guard
+        )
         # Blind spots (docs/schedule.md): per-step sentinels feed the schedule's bursts; on collected steps,
         # gradients as backward produced them and the finiteness of what came into each module.
         self._sentinel = Sentinel()
@@ -210,38 +216,35 @@ class Scope:
         self._forward_seen = True  # a burst may start mid-step only before the step's forward
 
     def _on_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        if id(opt) in self._stepped:
+            self._end_step()  # the same optimizer stepped again: the previous step is over
+        self._push_grad_norm(opt, args, kwargs)
+        if not self._collecting:
+            return None
         try:
-            if id(opt) in self._stepped:
-                self._end_step()  # the same optimizer stepped again: the previous step is over
-            if not callable(closure_of(opt, args, kwargs)[0]):  # with a closure the gradients come later
-                self._push_grad_norm(opt)
-            if not self._collecting:
-                return None
             closure, pos = closure_of(opt, args, kwargs)
-            if callable(closure):
-                # step(closure) (LBFGS, Lightning) runs forward and backward inside step(): the gradients
-                # exist only once the closure has run, so read them right after its first call.
-                snapshot = self._guarded(functools.partial(self._snapshot, opt))
-                return with_closure(args, kwargs, pos, after_first_call(closure, snapshot))
-            self._snapshot(opt)
-        except Exception as exc:  # statistics must never break training
-            self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
+        except Exception as exc:
+            self._guard.fail(MODEL, "parameters", exc)
+            return None
+        if callable(closure):
+            # step(closure) (LBFGS, Lightning) runs forward and backward inside step(): the gradients
+            # exist only once the closure has run, so read them right after its first call.
+            snapshot = functools.partial(self._snapshot, opt)
+            return with_closure(args, kwargs, pos, after_first_call(closure, snapshot))
+        self._snapshot(opt)
         return None
-
-    def _guarded(self, fn: Any) -> Any:
-        def run() -> None:
-            try:
-                fn()
-            except Exception as exc:
-                self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
-
-        return run
 
     def _snapshot(self, opt: torch.optim.Optimizer) -> None:
         """Gradients and weights as the optimizer is about to use them, and a copy for the update probe."""
         self._param_grads.freeze()
+        self._guard.call(MODEL, "parameters", self._read_params)
+        self._guard.call(MODEL, "updates", self._start_probe, opt)
+
+    def _read_params(self) -> None:
         if self._collector.params is None:
             self._collector.params = param_batch(self._named_params)
+
+    def _start_probe(self, opt: torch.optim.Optimizer) -> None:
         named = [
             (self._param_names.get(id(p), "?"), p)
             for group in opt.param_groups
@@ -251,24 +254,30 @@ class Scope:
         self._probes.append(UpdateProbe(named))
 
     def _on_post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        try:
-            params = self._collector.params
-            if self._collecting and self._probes and params is not None:
-                names, sq = self._probes.pop().finish()
-                params.update_names.extend(names)
-                params.update_sq.append(sq)
-                if is_adam(opt):  # evidence for update_ratio: Adam's effective per-element step size
-                    names, rms = adam_step_rms(opt, self._param_names)
-                    params.adam_names.extend(names)
-                    params.adam_rms.append(rms)
-        except Exception as exc:
-            self._warn_once("collect", f"gradscope could not measure the update of step {self._step}: {exc!r}")
+        if self._collecting and self._probes:
+            probe = self._probes.pop()
+            self._guard.call(MODEL, "updates", self._finish_probe, opt, probe)
         self._stepped.add(id(opt))
         if len(self._stepped) >= len(self.optimizers):
             self._end_step()
 
+    def _finish_probe(self, opt: torch.optim.Optimizer, probe: UpdateProbe) -> None:
+        params = self._collector.params
+        names, sq = probe.finish()
+        if params is None:
+            return
+        params.update_names.extend(names)
+        params.update_sq.append(sq)
+        if is_adam(opt):  # evidence for update_ratio: Adam's effective per-element step size
+            names, rms = adam_step_rms(opt, self._param_names)
+            params.adam_names.extend(names)
+            params.adam_rms.append(rms)
+
     def _on_scaler_update(self) -> None:
         """GradScaler.update(): if no optimizer step ended the training step, the scaler skipped it."""
+        self._guard.call(MODEL, "scaler", self._scaler_updated)
+
+    def _scaler_updated(self) -> None:
         if not self._ended_since_update and (self.optimizers or self._collector.acts):
             self._end_step(skipped=True)
         self._ended_since_update = False
@@ -303,9 +312,11 @@ class Scope:
             self._observe()
 
     # --- sentinels and the schedule -------------------------------------------------------------------
-    def _push_grad_norm(self, opt: torch.optim.Optimizer | None) -> None:
+    def _push_grad_norm(self, opt: torch.optim.Optimizer | None, args: Any = (), kwargs: Any = None) -> None:
         """The sentinel's global gradient norm of this step (one fused reduction, no host sync)."""
         try:
+            if opt is not None and callable(closure_of(opt, args, kwargs or {})[0]):
+                return  # step(closure): the gradients are computed inside step(), after this hook
             if opt is None:
                 params, name = [p for _, p in self._named_params], "grad_norm"
             else:
@@ -315,7 +326,7 @@ class Scope:
             self._sentinel.push_grad_norm(self._step, params, name)
         except Exception as exc:
             self._sentinel.enabled = False
-            self._warn_once("sentinel", f"gradscope stopped its per-step sentinels: {exc!r}")
+            self._guard.fail(MODEL, "sentinels", exc)
 
     def _observe(self) -> None:
         """Read the sentinels that have landed; start a burst now if one covers the step in progress."""
@@ -326,7 +337,7 @@ class Scope:
                     self.history.sentinel.bursts[:] = self._observer.bursts
         except Exception as exc:
             self._sentinel.enabled = False
-            self._warn_once("sentinel", f"gradscope stopped its per-step sentinels: {exc!r}")
+            self._guard.fail(MODEL, "sentinels", exc)
             return
         if not self._collecting and not self._forward_seen and self.schedule(self._step, self._observer.state):
             self._modules.collecting = True
@@ -337,7 +348,7 @@ class Scope:
             try:
                 self._finish_record(skipped)
             except Exception as exc:  # statistics must never break training
-                self._warn_once("collect", f"gradscope could not collect step {self._step}: {exc!r}")
+                self._guard.fail(MODEL, "steps", exc)
         elif skipped:
             self.history.add_skipped(self._step)
         self._ended_since_update = True
@@ -348,6 +359,7 @@ class Scope:
         self._probes.clear()
         self._stepped.clear()
         self._step += 1
+        self._guard.step = self._step
         self.history.steps_seen = self._step
         self._forward_seen = False
         self._modules.collecting = False
@@ -357,8 +369,7 @@ class Scope:
             self._param_grads.arm(self._handles)
 
     def _finish_record(self, skipped: bool = False) -> None:
-        if self._collector.params is None:
-            self._collector.params = param_batch(self._named_params)
+        self._guard.call(MODEL, "parameters", self._read_params)
         self._refresh_optimizer_membership()
         lrs, param_lr = self._learning_rates()
         record, losses = self._collector.flush(
@@ -369,12 +380,13 @@ class Scope:
             param_lr=param_lr,
             grad_scale=self._grad_scale(),
             combiner=self._combiner,
+            on_error=self._statistic_failed,
         )
         self._losses = []
         record.skipped = skipped
         pre = self._param_grads.take()
         if pre is not None:
-            apply_pre_clip(record, pre, self._grad_scale())
+            self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre, self._grad_scale())
         record.inputs = self._births.take()
         if not record.activations and any(p.grad_norm is not None for p in record.params.values()):
             self._warn_once(
@@ -387,6 +399,17 @@ class Scope:
         self.history.add(record)
         self._last_collected = self._step
         self._write(record)
+
+    def _ranks_disagree(self, keys: set) -> None:
+        layers = sorted({k.layer or "(model)" for k in keys})
+        self._warn_once(
+            "ranks-disagree",
+            f"gradscope: ranks measured statistics of different sizes in step {self._step} "
+            f"(layers {', '.join(layers[:5])}); those stay each rank's own, not combined across ranks",
+        )
+
+    def _statistic_failed(self, kind: str, layer: str, exc: BaseException) -> None:
+        self._guard.fail(layer, KIND_TO_STAT.get(kind, kind), exc)
 
     def _flush_losses(self) -> None:
         """Move pending loss values to the host (one transfer): at report time or when many are pending."""

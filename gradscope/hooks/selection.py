@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
+
+from ..distributed import is_sharded, local
 
 # Modules whose output is exactly zero for "off" units: dead-unit detection is meaningful on them.
 RELU_LIKE: tuple[type[nn.Module], ...] = (
@@ -136,3 +141,37 @@ def unit_dim(module: nn.Module, ndim: int, inherited: int | None) -> int | None:
     if isinstance(module, ELEMENTWISE) and inherited is not None:
         return inherited
     return ndim - 1
+
+
+# --- which tensors are measured --------------------------------------------------------------------
+# Every kind of tensor a module can return, and what gradscope does with it, checked in this order. A
+# skipped kind is skipped on purpose, with the reason the report's tables and tests can show.
+SKIPPED_KINDS: tuple[tuple[str, Callable[[torch.Tensor], bool], str], ...] = (
+    ("meta", lambda t: t.is_meta, "a meta tensor has a shape but no values"),
+    ("nested", lambda t: t.is_nested, "a nested tensor's ragged parts have no single layout to reduce"),
+    ("quantized", lambda t: t.is_quantized, "quantized values are integers with a scale, not activations"),
+    ("sparse", lambda t: t.layout != torch.strided, "a sparse tensor's stored values are not its distribution"),
+    ("complex", lambda t: t.is_complex(), "complex values have no order: min/max/saturation do not apply"),
+    ("integer or bool", lambda t: not t.is_floating_point(), "indices, masks and counts are not activations"),
+    ("empty", lambda t: t.numel() == 0, "no elements (an expert with no tokens, a zero-width output)"),
+)
+# Measured kinds: floating, strided, non-empty tensors (inference-mode ones too: they are only read,
+# every statistic is a new tensor and accumulation is out of place); a DTensor is reduced locally, as
+# this rank's shard, which the distributed combiner adds up across ranks.
+
+
+def skip_reason(t: torch.Tensor) -> str | None:
+    """Why a tensor is not reduced (one line), or None when it is measured."""
+    for kind, test, why in SKIPPED_KINDS:
+        if test(t):
+            return f"{kind}: {why}"
+    return None
+
+
+def measurable(t: object) -> torch.Tensor | None:
+    """The tensor to reduce for a module output or gradient (a DTensor's local shard), or None."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    if is_sharded(t):
+        t = local(t)
+    return t if skip_reason(t) is None else None

@@ -84,6 +84,9 @@ class History:
     skipped_total: int = field(default=0, init=False)
     # Per-step sentinels (every step, collected or not): first non-finite steps, gradient norms, bursts.
     sentinel: SentinelLog = field(default_factory=SentinelLog, init=False)
+    # Layers (or "" for the model as a whole) whose statistics gradscope stopped measuring after an error
+    # in its own hooks, and why: the report says what it could not see rather than staying silent.
+    unmeasured: dict[str, str] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.records = deque(maxlen=self.capacity)

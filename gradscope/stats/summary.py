@@ -38,9 +38,12 @@ def layer_summary(history: History, window: int = SUMMARY_WINDOW) -> dict[str, d
         grads = [r.gradients[name] for r in recent if name in r.gradients]
         pstats = [[r.params[p] for p in info.params if p in r.params] for r in recent]
         pstats = [ps for ps in pstats if ps]
-        if not acts and not grads and not pstats:
+        unmeasured = history.unmeasured.get(name)
+        if not acts and not grads and not pstats and unmeasured is None:
             continue
         entry: dict[str, Any] = {"type": info.type, "role": info.role, "order": order.get(name, -1)}
+        if unmeasured is not None:
+            entry["unmeasured"] = unmeasured  # why gradscope stopped measuring (part of) this layer
         entry["grad_norm"] = _med([g.norm for g in grads])
         entry["act_rms"] = _med([a.rms for a in acts])
         sat = [a.saturated_frac for a in acts if a.saturated_frac is not None]
