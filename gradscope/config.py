@@ -6,46 +6,14 @@ import os
 from dataclasses import dataclass, fields
 
 from .errors import UsageError
+from .schedule import Schedule, schedule_for  # noqa: F401  (re-exported: imports from config keep working)
 
-#: ``watch(every=None)``, the default: the schedule below, chosen from the measured cost of a collected
+#: ``watch(every=None)``, the default: the schedule of schedule.py, chosen from the measured cost of a collected
 #: step (benchmarks/README.md) so that long runs pay about 1 % and short runs still get enough samples.
 DEFAULT_EVERY = None
 
 #: Collected steps kept in the bounded history ring (memory does not grow with training length).
 DEFAULT_HISTORY = 256
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Which training steps are collected: a plain predicate of the step index (as Cockpit's schedules).
-
-    Every ``dense``-th step before step ``until``, every ``sparse``-th step after it. ``watch(every=N)``
-    is ``Schedule(N, 0, N)``; the default samples the first 200 steps every 10 (a short run, or the start
-    of a long one, where most failures show, gets 20 samples) and then every 50th step.
-    """
-
-    dense: int = 10
-    until: int = 200
-    sparse: int = 50
-
-    def __call__(self, step: int) -> bool:
-        return step % (self.dense if step < self.until else self.sparse) == 0
-
-    def describe(self) -> str:
-        if self.until <= 0 or self.dense == self.sparse:
-            return f"every {self.sparse} steps"
-        return f"every {self.dense} steps until step {self.until}, then every {self.sparse}"
-
-
-def schedule_for(every: int | Schedule | None) -> Schedule:
-    """The schedule ``watch(every=...)`` means; a clear UsageError for anything else."""
-    if every is None:
-        return Schedule()
-    if isinstance(every, Schedule):
-        return every
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise UsageError(f"every must be an int >= 1 (collect every N-th step) or None, got {every!r}")
-    return Schedule(dense=every, until=0, sparse=every)
 
 
 def validate_options(every: object, thresholds: object, log_dir: object) -> None:
@@ -89,13 +57,19 @@ class Thresholds:
     #: gradient may be 1e3 x its tiny weights by design): ``exploding_ratio`` does not stand alone there.
     #: Zero-init layers grow by orders of magnitude; healthy initialized layers change by under 2x.
     exploding_waking_growth: float = 10.0
-    #: Gradients summed over steps (zero_grad() never called) grow on nearly every step: this share of
+    #: ... and whose weights' RMS when first seen was below this: born near zero. Initialized layers start
+    #: at 1/sqrt(fan_in) (>= 1e-2 up to a fan-in of 10^4) or std 0.02; a zero-init layer after a few steps
+    #: of lr 1e-3 is near 1e-3 or below. A layer that grew 70x because an explosion blew it up is not waking.
+    exploding_waking_rms: float = 1e-3
+    #: Gradients summed over steps (zero_grad() never called) grow on most steps: this share of
     #: step-over-step increases over the collected steps ...
-    exploding_steady_share: float = 0.8
-    #: ... by at least this factor in all (nanoGPT without zero_grad: 1.1 -> 150 at the embedding) ...
+    exploding_steady_share: float = 0.6
+    #: ... by at least this factor from the first collected step to the late third's median (nanoGPT
+    #: without zero_grad: 1.1 -> 150 at the embedding; a small GPT: 0.13 -> 2.1 at c_attn over 200 steps) ...
     exploding_steady_growth: float = 10.0
-    #: ... while the loss level (trimmed mean of ``loss_window`` losses) sits this factor above its low
-    #: (nanoGPT without zero_grad: 3.56 -> 5.33, 1.5x; small-batch noise of a 20-loss level is a few %).
+    #: ... while the loss does not improve, or its level (trimmed mean of ``loss_window`` losses) sits this
+    #: factor above its low (nanoGPT without zero_grad: 3.56 -> 5.33, 1.5x; the small-batch noise of a
+    #: 20-loss level is a few %).
     loss_level_rise: float = 1.2
 
     # --- activations -----------------------------------------------------------------------------
@@ -119,6 +93,10 @@ class Thresholds:
     norm_min_running_var: float = 1e-6
     #: Affine gain RMS below this is collapsed, above the other is exploding.
     norm_gain_collapse: float = 1e-3
+    #: ... or below this fraction of the layer's own starting gain RMS: weight decay applied to a gain of 1
+    #: shrinks it geometrically (AdamW wd 0.1 at lr 1e-2: x0.37 per 1000 steps); healthy LayerNorm gains
+    #: stay within a factor of ~2 of their start.
+    norm_gain_collapse_ratio: float = 0.1
     norm_gain_explode: float = 1e3
     #: Norm-layer input RMS growing by more than this factor over training.
     norm_input_growth: float = 1e3
@@ -151,6 +129,19 @@ class Thresholds:
     #: 4.57 -> 10.6 by step 7 (a 10-loss level of ~2x), HF GPT-2 at lr 1.0 4.4 -> 42 at step 1; healthy
     #: runs, warm-up or not, stay below their first loss after the first few steps.
     loss_rise_over_start: float = 1.5
+
+    # --- initialization ----------------------------------------------------------------------------
+    #: A first loss at least this many times ln(C) (C: the output layer's width) is far above an
+    #: uninformed guess. Measured: nanoGPT with init std 1.0: 36.4 = 8x ln(95); a small GPT with std 1.0:
+    #: 3.8x; healthy inits start within ~1.1x of ln(C).
+    init_loss_ratio: float = 3.0
+    #: ... together with an output RMS at least this (an uninformed model's logits are ~1 or below; a
+    #: regression with large targets has a large loss but small outputs at initialization).
+    init_logit_rms: float = 5.0
+    #: Weighted layers' output RMS growing by this factor from the first to the largest at the first step
+    #: (a deep MLP with N(0, 1) weights of fan-in 256 multiplies the scale by ~16 per layer; healthy inits
+    #: keep it within ~10x across the whole depth).
+    init_growth: float = 100.0
 
     # --- numerics --------------------------------------------------------------------------------
     #: Optimizer steps skipped for non-finite gradients (GradScaler) tolerated before it is a finding.

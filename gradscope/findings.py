@@ -32,6 +32,9 @@ class Kind(str, Enum):
     NOT_IN_OPTIMIZER = "not_in_optimizer"
     UPDATE_RATIO = "update_ratio"
     LOSS_DIVERGENCE = "loss_divergence"
+    # The model starts confidently wrong: weights initialized far too large (first loss >> ln(C), or
+    # activations growing layer over layer at the first step).
+    INIT_SCALE = "init_scale"
     # Weight-only checkpoint analysis: a tensor whose scale is an outlier among its peers.
     WEIGHT_OUTLIER = "weight_outlier"
 

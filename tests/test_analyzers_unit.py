@@ -120,8 +120,13 @@ def test_vanishing_gated_on_symptoms():
     found = run({"l0": 1e-8, "l1": 1e-3}, improving)
     assert kinds(found) == [("vanishing_gradient", "l0", "warning")]
     assert found[0].evidence["update_to_weight"] == pytest.approx(1e-8 / 1.0)
-    # Moving, but the loss is flat -> reported.
-    assert kinds(run({"l0": 1e-3, "l1": 1e-3}, [1.0] * 12)) == [("vanishing_gradient", "l0", "warning")]
+    # Moving as fast as l1 while the loss is flat: the small gradient does not keep it from training (a
+    # healthy BERT on its initial plateau, queries and keys at 5e-5 under Adam) -> kept as info.
+    moving = run({"l0": 1e-3, "l1": 1e-3}, [1.0] * 12)
+    assert kinds(moving) == [("vanishing_gradient", "l0", "info")]
+    assert "move as fast" in str(moving[0].evidence["gate"])
+    # Not moving and the loss is flat -> a warning.
+    assert kinds(run({"l0": 1e-8, "l1": 1e-3}, [1.0] * 12)) == [("vanishing_gradient", "l0", "warning")]
 
 
 def test_vanishing_step_is_the_first_step_it_held():
@@ -340,7 +345,8 @@ def test_running_variance_gain_and_input_growth():
     assert rv[0].step == 35 and rv[0].evidence["running_var_min"] == pytest.approx(1e-8)
     collapse = normalization.analyze(norm_history(40, train=lambda t: norm(gain=10.0 ** (-t / 5))), TH)
     assert kinds(collapse) == [("normalization_drift", "bn", "warning")]
-    assert collapse[0].step == 16  # 10**(-16/5) < 1e-3 <= 10**(-15/5)
+    # Judged against its own start: 10**(-6/5) < 0.1 x 1.0 <= 10**(-5/5).
+    assert collapse[0].step == 6 and collapse[0].evidence["gain_ratio"] == pytest.approx(10.0 ** (-39 / 5))
     # A gain born at zero (zero-init residual branch) growing slowly has not collapsed.
     assert normalization.analyze(norm_history(40, train=lambda t: norm(gain=1e-5 * t)), TH) == []
     growth = normalization.analyze(norm_history(60, train=lambda t: norm(rms=1.2**t)), TH)

@@ -134,7 +134,7 @@ def test_per_unit_extremes_fused(exact, monkeypatch):
     torch.testing.assert_close(R.unit_absmax(lin, 2), expected, rtol=0, atol=0)
     sums, maxes, gunits = R.grad_stats(lin, 2)
     torch.testing.assert_close(gunits, expected, rtol=0, atol=0)
-    assert sums[0].item() == pytest.approx(float(lin.double().pow(2).sum()), rel=1e-6)
+    assert sums[0].item() == pytest.approx(float(lin.double().pow(2).sum()), rel=1e-5)
     assert maxes.tolist() == [lin.max().item(), -lin.min().item()]
     relu = _relu_like(64, 300)
     torch.testing.assert_close(R.unit_absmax(relu, 1, nonnegative=True), relu.amax(0), rtol=0, atol=0)
@@ -145,7 +145,7 @@ def test_grad_stats_match_reference():
     for g in (torch.randn(R.CHUNK + 3), torch.randn(50, 60, 70).permute(2, 0, 1), torch.randn(9, 9).half()):
         sums, maxes = R.grad_stats(g)
         d = g.double()
-        assert sums[0].item() == pytest.approx(float(d.pow(2).sum()), rel=1e-6)
+        assert sums[0].item() == pytest.approx(float(d.pow(2).sum()), rel=1e-5)
         assert sums[1].item() == 0.0
         assert maxes.tolist() == [float(d.max()), -float(d.min())]
 
@@ -194,7 +194,7 @@ def test_norm_input_stats_match_reference(dtype):
     d = x.double()
     torch.testing.assert_close(mean, d.mean(dim=(0, 2, 3)).float(), rtol=1e-6, atol=0)
     torch.testing.assert_close(var, d.var(dim=(0, 2, 3), unbiased=False).float(), rtol=1e-4, atol=1e-12)
-    assert sumsq.item() == pytest.approx(float(d.pow(2).sum()), rel=1e-6)
+    assert sumsq.item() == pytest.approx(float(d.pow(2).sum()), rel=1e-5)
     m2, v2 = R.channel_stats(torch.randn(64, 12).transpose(0, 1).contiguous().t())
     assert m2.shape == (12,) and v2.shape == (12,)
 

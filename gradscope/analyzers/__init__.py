@@ -7,7 +7,7 @@ from collections.abc import Callable
 from ..config import Thresholds
 from ..findings import Finding, sort_findings
 from ..stats.history import History
-from . import activations, gradients, normalization, numerics, optimizer, parameters
+from . import activations, gradients, initialization, normalization, numerics, optimizer, parameters
 from .roots import fold
 
 Analyzer = Callable[[History, Thresholds], list[Finding]]
@@ -19,6 +19,7 @@ ANALYZERS: tuple[Analyzer, ...] = (
     normalization.analyze,
     parameters.analyze,
     optimizer.analyze,
+    initialization.analyze,
 )
 
 

@@ -25,6 +25,14 @@ from ..stats.records import StepRecord
 # zeros there are not "death"; dropout zeroes at random; saturating modules are judged by saturation.
 _NO_DEAD_ROLES = frozenset({"dropout", "linear", "norm", "embedding", "recurrent", "saturating"})
 
+# Activations whose zero (or negative) outputs are not death: shrinkage functions are zero in a band around
+# 0 by design and pass gradient outside it; Threshold replaces values below a cut-off; the leaky and smooth
+# rectifiers give negative inputs a non-zero output or slope. Their units are never claimed dead.
+_ALIVE_WHEN_ZERO = frozenset({
+    "Hardshrink", "Softshrink", "Tanhshrink", "Threshold", "LeakyReLU", "PReLU", "RReLU",
+    "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Softplus",
+})
+
 
 def analyze(history: History, thresholds: Thresholds) -> list[Finding]:
     return [*_dead_units(history, thresholds), *_saturation(history, thresholds)]
@@ -33,23 +41,52 @@ def analyze(history: History, thresholds: Thresholds) -> list[Finding]:
 # --- dead_relu ---------------------------------------------------------------------------------------
 
 
-def _masks(history: History, layer: str) -> list[tuple[StepRecord, np.ndarray, int]]:
-    """(record, alive mask, samples per unit) of the layer's finite steps, oldest first, latest unit count only."""
-    out: list[tuple[StepRecord, np.ndarray, int]] = []
+Masks = list[tuple[StepRecord, np.ndarray, int]]
+
+
+def _masks(history: History, layer: str) -> dict[int, Masks]:
+    """Per unit count: (record, alive mask, samples per unit) of the layer's finite steps, oldest first.
+
+    One ReLU module applied at several widths (a shared ``self.relu``) gives one series per width, so no
+    mask is dropped and no width's dead units hide behind another's.
+    """
+    out: dict[int, Masks] = {}
     for rec in history.records:
         a = rec.activations.get(layer)
         # A NaN output makes every unit look "dead" (NaN > 0 is False): those steps say nothing.
-        if a is None or a.alive is None or a.nonfinite > 0 or a.alive.size == 0:
+        if a is None or a.nonfinite > 0:
             continue
-        out.append((rec, np.asarray(a.alive, dtype=bool).reshape(-1), a.numel // a.alive.size))
-    if out:
-        units = out[-1][1].size
-        out = [m for m in out if m[1].size == units]  # a width change (shared module) breaks the series
+        by_width = a.alive_by_width or ({} if a.alive is None else {int(a.alive.size): a.alive})
+        for alive in by_width.values():
+            mask = np.asarray(alive, dtype=bool).reshape(-1)
+            if mask.size == 0:
+                continue
+            # Samples per unit: the share of the step's elements at this width (all of them for one width).
+            numel = a.numel if len(by_width) == 1 else a.numel * mask.size // sum(int(np.size(m)) for m in by_width.values())
+            out.setdefault(int(mask.size), []).append((rec, mask, max(numel // mask.size, 1)))
     return out
 
 
-def _dead_share(history: History, layer: str, th: Thresholds) -> tuple[float, dict[str, float | int | str], int] | None:
-    masks = _masks(history, layer)
+def _unit_masks(history: History, layer: str) -> Masks:
+    """Weighted layers: a unit is alive on a step if its pre-activation was positive for some sample or
+    any gradient came back through it. Behind any rectifier (an ``F.relu`` in forward() included) a unit
+    whose pre-activation is never positive outputs zero and passes back exactly zero gradient."""
+    out: Masks = []
+    for rec in history.records:
+        a, g = rec.activations.get(layer), rec.gradients.get(layer)
+        if a is None or g is None or a.unit_max is None or g.unit_absmax is None or a.nonfinite or g.nonfinite:
+            continue
+        mx, gr = np.asarray(a.unit_max).reshape(-1), np.asarray(g.unit_absmax).reshape(-1)
+        if mx.size == 0 or mx.size != gr.size:
+            continue
+        out.append((rec, (mx > 0) | (gr != 0), max(a.numel // mx.size, 1)))
+    return out
+
+
+Hit = tuple[float, "dict[str, float | int | str]", int]
+
+
+def _dead_share(masks: Masks, th: Thresholds) -> Hit | None:
     window = masks[-max(int(th.activation_window), 1) :]
     samples = sum(n for _, _, n in window)
     if not window or samples < th.dead_min_samples:
@@ -78,41 +115,80 @@ def _dead_share(history: History, layer: str, th: Thresholds) -> tuple[float, di
     return share, evidence, since
 
 
+def _layer_hit(history: History, layer: str, th: Thresholds) -> Hit | None:
+    """The worst width's dead share of a module (every width judged on its own series)."""
+    hits = []
+    series = _masks(history, layer)
+    for width, masks in series.items():
+        hit = _dead_share(masks, th)
+        if hit is not None:
+            if len(series) > 1:
+                hit[1]["width"] = width
+                hit[1]["widths"] = ", ".join(str(w) for w in sorted(series))
+            hits.append(hit)
+    return max(hits, key=lambda h: h[0]) if hits else None
+
+
 def _dead_units(history: History, th: Thresholds) -> list[Finding]:
     order = history.layer_order()
-    hits: dict[str, tuple[float, dict[str, float | int | str], int]] = {}
+    hits: dict[str, Hit] = {}
     for name, info in history.layers.items():
-        if info.role in _NO_DEAD_ROLES:
+        if info.role in _NO_DEAD_ROLES or info.type in _ALIVE_WHEN_ZERO:
             continue
-        hit = _dead_share(history, name, th)
+        hit = _layer_hit(history, name, th)
         if hit is not None:
             hits[name] = hit
-    found: list[Finding] = []
     flagged = sorted(hits, key=lambda n: order.get(n, 1 << 30))
-    for name in flagged:
-        role = history.layers[name].role
-        if role != "relu":
+    # Weighted layers whose units are dead behind a rectifier that no module of its own shows (F.relu).
+    behind: dict[str, Hit] = {}
+    for name, info in history.layers.items():
+        if info.role != "linear":
+            continue
+        hit = _dead_share(_unit_masks(history, name), th)
+        if hit is None:
+            continue
+        at = order.get(name, 1 << 30)
+        nxt = min((order.get(n, 1 << 30) for n, i in history.layers.items()
+                   if i.role == "linear" and order.get(n, 1 << 30) > at), default=1 << 30)
+        # A rectifier module of its own between this layer and the next weighted one: the relu path judges
+        # it (and a shrink or leaky activation's zeros are not death); only a functional one is ours here.
+        between = [info for info in history.layers.values() if at < order.get(info.name, 1 << 30) < nxt]
+        if not any(i.role in ("relu", "saturating") or i.type in _ALIVE_WHEN_ZERO for i in between):
+            hit[1]["rectifier"] = "functional"
+            behind[name] = hit
+    found: list[Finding] = []
+    for name in sorted([*flagged, *behind], key=lambda n: order.get(n, 1 << 30)):
+        if name in hits and history.layers[name].role != "relu":
             # Pooling, reshapes and containers pass dead units through: report them only when no earlier
             # (or inner) module already explains the zeros, e.g. a functional F.relu inside a custom block.
             inherited = any(
                 other != name
                 and (order.get(other, 1 << 30) < order.get(name, 1 << 30) or other.startswith(name + ".") or name == "")
-                for other in flagged
+                for other in [*flagged, *behind]
             )
             if inherited:
                 continue
-        share, evidence, since = hits[name]
+        share, evidence, since = hits.get(name) or behind[name]
         critical = share >= th.dead_critical
+        if name in behind:
+            message = (
+                f"{evidence['dead_units']} of {evidence['units']} units ({share:.0%}) of {name} never had a "
+                f"positive output for any sample and passed back exactly zero gradient over the last "
+                f"{evidence['window_steps']} collected steps: dead behind the rectifier that follows it."
+            )
+        else:
+            width = f" at width {evidence['width']}" if "width" in evidence else ""
+            message = (
+                f"{evidence['dead_units']} of {evidence['units']} units ({share:.0%}) of {name}{width} output "
+                f"exactly zero for every sample over the last {evidence['window_steps']} collected steps."
+            )
         found.append(
             Finding(
                 kind=Kind.DEAD_RELU.value,
                 severity=(Severity.CRITICAL if critical else Severity.WARNING).value,
                 layer=name,
                 step=since,
-                message=(
-                    f"{evidence['dead_units']} of {evidence['units']} units ({share:.0%}) of {name} output "
-                    f"exactly zero for every sample over the last {evidence['window_steps']} collected steps."
-                ),
+                message=message,
                 hint=(
                     "Use Kaiming/He init and a smaller learning rate, check for a large negative bias, "
                     "or switch to LeakyReLU/GELU so dead units can recover."

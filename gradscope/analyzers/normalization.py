@@ -74,8 +74,30 @@ def _finding(name: str, severity: Severity, step: int, message: str, hint: str, 
     )
 
 
+def _drifted(n: NormStats, th: Thresholds) -> bool:
+    """The typical channel beyond the thresholds, or the worst channels beyond twice them (a shift that
+    moves a few channels hides in the mean over all of them; sampling noise of one channel stays below
+    2x: a batch of 8 gives a per-channel mean gap of ~0.35 running std, ~1.1 for the worst of 512)."""
+    typical = n.mean_gap_mean > th.norm_mean_gap or n.log_var_ratio_mean > th.norm_log_var_ratio
+    worst = (math.isfinite(n.mean_gap_max) and n.mean_gap_max > 2 * th.norm_mean_gap) or (
+        math.isfinite(n.log_var_ratio_max) and n.log_var_ratio_max > 2 * th.norm_log_var_ratio
+    )
+    return typical or worst
+
+
+def _onset(flags: list[bool], th: Thresholds) -> int | None:
+    """The first flagged index from which on the flags are sustained (a shift midway through a run counts
+    from the shift, not over the whole run), with at least ``min_steps`` flagged."""
+    for i, f in enumerate(flags):
+        if f:
+            tail = flags[i:]
+            if sum(tail) >= min(th.min_steps, len(flags)) and sum(tail) / len(tail) >= th.sustained_fraction:
+                return i
+    return None
+
+
 def _gap(name: str, entries: list[tuple[int, NormStats]], th: Thresholds, *, training: bool) -> list[Finding]:
-    """Batch statistics far from the running statistics, for most judged steps."""
+    """Batch statistics far from the running statistics, sustained from some step on."""
     judged = [
         (st, n)
         for st, n in entries
@@ -83,29 +105,35 @@ def _gap(name: str, entries: list[tuple[int, NormStats]], th: Thresholds, *, tra
     ]
     if not judged:
         return []
-    over = [
-        (st, n)
-        for st, n in judged
-        if n.mean_gap_mean > th.norm_mean_gap or n.log_var_ratio_mean > th.norm_log_var_ratio
-    ]
-    if len(over) / len(judged) < th.sustained_fraction:
+    i = _onset([_drifted(n, th) for _, n in judged], th)
+    if i is None:
         return []
+    over = [(st, n) for st, n in judged[i:] if _drifted(n, th)]
     gap = median(n.mean_gap_mean for _, n in over)
     lvr = median(n.log_var_ratio_mean for _, n in over)
+    gap_max = max(n.mean_gap_max for _, n in over)
+    lvr_max = max(n.log_var_ratio_max for _, n in over)
     evidence = {
         "mean_gap": gap,
         "log_var_ratio": lvr,
-        "mean_gap_max": max(n.mean_gap_max for _, n in over),
-        "log_var_ratio_max": max(n.log_var_ratio_max for _, n in over),
+        "mean_gap_max": gap_max,
+        "log_var_ratio_max": lvr_max,
         "steps_drifted": len(over),
-        "steps": len(judged),
+        "steps": len(judged) - i,
         "mode": "train" if training else "eval",
     }
     where = "training batches" if training else "evaluation inputs"
-    message = (
-        f"{name}'s {where} are {gap:.1f} running standard deviations from its running mean with a log "
-        f"variance ratio of {lvr:.1f}, so its running statistics do not describe them."
-    )
+    if gap > th.norm_mean_gap or lvr > th.norm_log_var_ratio:
+        message = (
+            f"{name}'s {where} are {gap:.1f} running standard deviations from its running mean with a log "
+            f"variance ratio of {lvr:.1f} (typical channel), so its running statistics do not describe them."
+        )
+    else:
+        message = (
+            f"In its worst channels, {name}'s {where} are up to {gap_max:.1f} running standard deviations from "
+            f"its running mean (log variance ratio up to {lvr_max:.1f}), so its running statistics do not "
+            f"describe them."
+        )
     if training:
         return [_finding(name, Severity.WARNING, over[0][0], message, _HINT_TRAIN, evidence)]
     severe = gap > 2 * th.norm_mean_gap or lvr > 2 * th.norm_log_var_ratio
@@ -136,9 +164,18 @@ def _gain(history: History, name: str, entries: list[tuple[int, NormStats]], th:
         return []  # non-finite weights are the numerics analyzer's finding
     evidence = {"gain_rms": latest, "initial_gain_rms": initial}
     # A gain that started at zero (zero-init residual branches) has not collapsed: it was born there.
-    if latest < th.norm_gain_collapse and initial > 10 * th.norm_gain_collapse:
-        step = next(st for st, g in gains if g < th.norm_gain_collapse)
-        message = f"{name}'s affine gain collapsed from RMS {initial:.2g} to {latest:.1e}, silencing its output."
+    # Collapse is judged against the layer's own start (weight decay shrinks a gain of 1 geometrically),
+    # and below the absolute floor whatever the start.
+    born = initial > 10 * th.norm_gain_collapse
+    relative = initial > 0 and latest < th.norm_gain_collapse_ratio * initial
+    if born and (latest < th.norm_gain_collapse or relative):
+        cut = max(th.norm_gain_collapse, th.norm_gain_collapse_ratio * initial)
+        step = next(st for st, g in gains if g < cut)
+        evidence["gain_ratio"] = latest / initial
+        message = (
+            f"{name}'s affine gain collapsed from RMS {initial:.2g} to {latest:.2g} ({latest / initial:.1%} of "
+            f"its start), silencing its output."
+        )
         return [_finding(name, Severity.WARNING, step, message, _HINT_COLLAPSE, evidence)]
     if latest > th.norm_gain_explode:
         step = next(st for st, g in gains if g > th.norm_gain_explode)

@@ -58,8 +58,11 @@ def fold(findings: list[Finding], order: dict[str, int]) -> list[Finding]:
     dead = sorted((f for f in findings if f.kind == Kind.DEAD_RELU.value and f.severity == Severity.CRITICAL.value),
                   key=lambda f: rank[id(f)])
     for d in dead:
-        claim(d, [f for f in findings if f.kind == Kind.VANISHING_GRADIENT.value and rank[id(f)] < rank[id(d)]
-                  and f.step is not None and d.step is not None and f.step >= d.step and id(f) not in folded])
+        # Layers before it, and any layer whose gradient is exactly zero (the cut itself: the weights that
+        # feed the dead units get no gradient, wherever a shared ReLU module first ran).
+        claim(d, [f for f in findings if f.kind == Kind.VANISHING_GRADIENT.value and id(f) not in folded
+                  and (rank[id(f)] < rank[id(d)] or f.evidence.get("grad_norm") == 0.0)
+                  and f.step is not None and d.step is not None and f.step >= d.step])
 
     # The learning rate's ruin: the first too-large step (else the loss's divergence) is the root.
     big = sorted((f for f in findings if _too_large(f)), key=lambda f: (f.step or 0, rank[id(f)]))

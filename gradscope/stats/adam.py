@@ -84,6 +84,7 @@ def _rms_effective_lr(
     device = samples[0].device
     lengths = torch.tensor([s.numel() for s in samples], device=device)
     v = torch.cat([s.to(device) for s in samples])
+
     def per_param(xs: list[torch.Tensor | float]) -> torch.Tensor:
         if not any(isinstance(x, torch.Tensor) for x in xs):
             return torch.tensor(xs, dtype=torch.float32, device=device)  # one op for host numbers

@@ -373,7 +373,11 @@ def strided_sample(x: torch.Tensor, k: int = 1024) -> torch.Tensor:
     if x.is_contiguous() or n <= k:
         return x.reshape(-1)[::step][:k].float().clone()
     idx = torch.arange(0, n, step, device=x.device)[:k]
-    return x[torch.unravel_index(idx, x.shape)].float()  # gathers k values, no flat copy of x
+    coords = []
+    for size in reversed(x.shape):  # row-major coordinates of each flat index (unravel_index, without
+        coords.append(idx % size)  # its one-second first-call import)
+        idx = idx // size
+    return x[tuple(reversed(coords))].float()  # gathers k values, no flat copy of x
 
 
 # --- normalization inputs ----------------------------------------------------------------------------------
