@@ -100,6 +100,7 @@ class Scope:
         # Trainable when watched: measured on every collected step, frozen or not at that step (a block
         # frozen mid-run is recorded as frozen, not as a parameter that lost its gradient).
         self._trainable = {n for n, p in self._all_params if p.requires_grad}
+        self._named_params = [(n, p) for n, p in self._all_params if p.requires_grad]
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         self._param_ids = {n: i for i, n in self._param_names.items()}
         self.history = History(
