@@ -6,46 +6,14 @@ import os
 from dataclasses import dataclass, fields
 
 from .errors import UsageError
+from .schedule import Schedule, schedule_for  # noqa: F401  (re-exported: imports from config keep working)
 
-#: ``watch(every=None)``, the default: the schedule below, chosen from the measured cost of a collected
+#: ``watch(every=None)``, the default: the schedule of schedule.py, chosen from the measured cost of a collected
 #: step (benchmarks/README.md) so that long runs pay about 1 % and short runs still get enough samples.
 DEFAULT_EVERY = None
 
 #: Collected steps kept in the bounded history ring (memory does not grow with training length).
 DEFAULT_HISTORY = 256
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Which training steps are collected: a plain predicate of the step index (as Cockpit's schedules).
-
-    Every ``dense``-th step before step ``until``, every ``sparse``-th step after it. ``watch(every=N)``
-    is ``Schedule(N, 0, N)``; the default samples the first 200 steps every 10 (a short run, or the start
-    of a long one, where most failures show, gets 20 samples) and then every 50th step.
-    """
-
-    dense: int = 10
-    until: int = 200
-    sparse: int = 50
-
-    def __call__(self, step: int) -> bool:
-        return step % (self.dense if step < self.until else self.sparse) == 0
-
-    def describe(self) -> str:
-        if self.until <= 0 or self.dense == self.sparse:
-            return f"every {self.sparse} steps"
-        return f"every {self.dense} steps until step {self.until}, then every {self.sparse}"
-
-
-def schedule_for(every: int | Schedule | None) -> Schedule:
-    """The schedule ``watch(every=...)`` means; a clear UsageError for anything else."""
-    if every is None:
-        return Schedule()
-    if isinstance(every, Schedule):
-        return every
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise UsageError(f"every must be an int >= 1 (collect every N-th step) or None, got {every!r}")
-    return Schedule(dense=every, until=0, sparse=every)
 
 
 def validate_options(every: object, thresholds: object, log_dir: object) -> None:

@@ -22,15 +22,19 @@ from .config import DEFAULT_EVERY, DEFAULT_HISTORY, Thresholds, schedule_for, va
 from .errors import AlreadyWatchedError, GradscopeWarning, UsageError
 from .findings import Report
 from .hooks import selection
+from .hooks.backward import BirthHooks
 from .hooks.capture import ModuleHooks
 from .hooks.guard import KIND_TO_STAT, MODEL, Guard
 from .hooks.handles import HandleSet
 from .hooks.optimizer import after_first_call, closure_of, patch_scaler_update, with_closure
+from .hooks.param_grads import ParamGradHooks, apply_pre_clip
+from .schedule import Observer
 from .stats.adam import adam_step_rms, is_adam
 from .stats.collector import StepCollector, losses_to_host
 from .stats.history import History
 from .stats.params import UpdateProbe, param_batch
 from .stats.records import LayerInfo, ParamInfo, StepRecord
+from .stats.sentinel import Sentinel
 from .stats.summary import layer_summary, run_summary
 
 # Every module currently watched by an open scope (weak: a deleted model frees its entry).
@@ -103,6 +107,16 @@ class Scope:
         self._modules = ModuleHooks(
             self._collector, self._handles, self.history.layers, self.histograms, self._guard
         )
+        # Blind spots (docs/schedule.md): per-step sentinels feed the schedule's bursts; on collected steps,
+        # gradients as backward produced them and the finiteness of what came into each module.
+        self._sentinel = Sentinel()
+        self._observer = Observer()
+        self._adaptive = self.schedule.adaptive and self._combiner is None  # ranks must agree on steps
+        self._param_grads = ParamGradHooks(self._named_params)
+        self._param_grads.enabled = self._combiner is None  # DDP averages after these hooks fire
+        self._births = BirthHooks(self._handles)
+        self._modules.births = self._births
+        self._forward_seen = False
         for m in model.modules():
             _WATCHED.add(m)
         try:
@@ -183,6 +197,10 @@ class Scope:
 
     def _install(self) -> None:
         self._modules.install(self.model)
+        self._handles.keep(self.model.register_forward_pre_hook(self._on_model_forward))
+        self._modules.collecting = self.schedule(0, self._observer.state)
+        if self._collecting:
+            self._param_grads.arm(self._handles)
         for opt in self.optimizers:
             self._handles.keep(opt.register_step_pre_hook(self._on_pre_step))
             self._handles.keep(opt.register_step_post_hook(self._on_post_step))
@@ -194,9 +212,13 @@ class Scope:
         return self._modules.collecting
 
     # --- optimizer hooks ------------------------------------------------------------------------------
+    def _on_model_forward(self, module: nn.Module, inputs: Any) -> None:
+        self._forward_seen = True  # a burst may start mid-step only before the step's forward
+
     def _on_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         if id(opt) in self._stepped:
             self._end_step()  # the same optimizer stepped again: the previous step is over
+        self._push_grad_norm(opt, args, kwargs)
         if not self._collecting:
             return None
         try:
@@ -214,6 +236,7 @@ class Scope:
 
     def _snapshot(self, opt: torch.optim.Optimizer) -> None:
         """Gradients and weights as the optimizer is about to use them, and a copy for the update probe."""
+        self._param_grads.freeze()
         self._guard.call(MODEL, "parameters", self._read_params)
         self._guard.call(MODEL, "updates", self._start_probe, opt)
 
@@ -279,10 +302,46 @@ class Scope:
             # With an optimizer the step already ended at optimizer.step(): the loss belongs to it.
             owner = self._step - 1 if self.optimizers else self._step
             self._losses.append((max(owner, 0), value))
+            self._sentinel.push(max(owner, 0), "loss", value)
             if len(self._losses) >= _MAX_PENDING_LOSSES:
                 self._flush_losses()
         if not self.optimizers:
+            self._push_grad_norm(None)
             self._end_step()
+        else:
+            self._observe()
+
+    # --- sentinels and the schedule -------------------------------------------------------------------
+    def _push_grad_norm(self, opt: torch.optim.Optimizer | None, args: Any = (), kwargs: Any = None) -> None:
+        """The sentinel's global gradient norm of this step (one fused reduction, no host sync)."""
+        try:
+            if opt is not None and callable(closure_of(opt, args, kwargs or {})[0]):
+                return  # step(closure): the gradients are computed inside step(), after this hook
+            if opt is None:
+                params, name = [p for _, p in self._named_params], "grad_norm"
+            else:
+                params = [p for g in opt.param_groups for p in g["params"]]
+                index = next((i for i, o in enumerate(self.optimizers) if o is opt), 0)
+                name = "grad_norm" if index == 0 else f"grad_norm:{index}"
+            self._sentinel.push_grad_norm(self._step, params, name)
+        except Exception as exc:
+            self._sentinel.enabled = False
+            self._guard.fail(MODEL, "sentinels", exc)
+
+    def _observe(self) -> None:
+        """Read the sentinels that have landed; start a burst now if one covers the step in progress."""
+        try:
+            for step, name, value in self._sentinel.poll():
+                self.history.sentinel.add(step, name, value)
+                if self._adaptive and self._observer.observe(step, name, value):
+                    self.history.sentinel.bursts[:] = self._observer.bursts
+        except Exception as exc:
+            self._sentinel.enabled = False
+            self._guard.fail(MODEL, "sentinels", exc)
+            return
+        if not self._collecting and not self._forward_seen and self.schedule(self._step, self._observer.state):
+            self._modules.collecting = True
+            self._param_grads.arm(self._handles)
 
     def _end_step(self, skipped: bool = False) -> None:
         if self._collecting:
@@ -295,12 +354,19 @@ class Scope:
         self._ended_since_update = True
         self._handles.end_step()
         self._collector.reset()
+        self._births.reset()
+        self._param_grads.take()
         self._probes.clear()
         self._stepped.clear()
         self._step += 1
         self._guard.step = self._step
         self.history.steps_seen = self._step
-        self._modules.collecting = self.schedule(self._step)
+        self._forward_seen = False
+        self._modules.collecting = False
+        self._observe()  # sentinels of the step that just ended may start a burst at this one
+        if not self._collecting and self.schedule(self._step, self._observer.state):
+            self._modules.collecting = True
+            self._param_grads.arm(self._handles)
 
     def _finish_record(self, skipped: bool = False) -> None:
         self._guard.call(MODEL, "parameters", self._read_params)
@@ -318,6 +384,10 @@ class Scope:
         )
         self._losses = []
         record.skipped = skipped
+        pre = self._param_grads.take()
+        if pre is not None:
+            self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre, self._grad_scale())
+        record.inputs = self._births.take()
         if not record.activations and any(p.grad_norm is not None for p in record.params.values()):
             self._warn_once(
                 "no-forward",

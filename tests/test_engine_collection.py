@@ -274,15 +274,18 @@ def test_adam_effective_step_size_is_recorded_per_parameter():
 
 def test_the_default_schedule_is_dense_early_and_sparse_later():
     from gradscope.config import Schedule
+    from gradscope.schedule import DEFAULT_SCHEDULE, DENSE_START
 
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.ones(2, 4)  # the same gradient every step: nothing for a burst to react to
     with gradscope.watch(model, optimizer=opt) as scope:
         for _ in range(301):
             opt.zero_grad()
-            model(torch.randn(2, 4)).sum().backward()
+            model(x).sum().backward()
             opt.step()
     steps = [r.step for r in scope.history.records]
-    assert steps == [*range(0, 200, 10), 200, 250, 300]
-    assert scope.schedule == Schedule(10, 200, 50)
+    # every step of the dense start, then every 10th until 200, then every 50th (docs/schedule.md)
+    assert steps == [*range(DENSE_START), *range(20, 200, 10), 200, 250, 300]
+    assert scope.schedule == DEFAULT_SCHEDULE == Schedule(10, 200, 50, start=DENSE_START, burst=8)
     assert [s for s in range(12) if Schedule(3, 0, 3)(s)] == [0, 3, 6, 9]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class Recorder(TrainerCallback):
     def __init__(self) -> None:
         self.losses: list[tuple[int, float]] = []
         self.grad_norms: list[float] = []
+        self.logged_grad_norms: list[float] = []  # the Trainer's global norm, before its clipping
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module, **kwargs: Any) -> None:
         self.grad_norms.append(model.classifier.weight.grad.norm().item())
@@ -71,6 +73,8 @@ class Recorder(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         if logs and "loss" in logs:
             self.losses.append((state.global_step - 1, logs["loss"]))
+        if logs and "grad_norm" in logs:
+            self.logged_grad_norms.append(float(logs["grad_norm"]))
 
 
 def train(model: nn.Module, tmp_path: Path, callbacks: list[Any], **args_kw: Any) -> Trainer:
@@ -105,9 +109,14 @@ def test_train_counts_steps_records_losses_and_unhooks(tmp_path: Path) -> None:
     # logging_steps=1: each step gets the loss the Trainer logged for it.
     assert [s for s, _ in scope.history.losses] == [s for s, _ in rec.losses] == list(range(8))
     assert [v for _, v in scope.history.losses] == pytest.approx([v for _, v in rec.losses], rel=1e-6)
-    # The gradients read are those the optimizer applied (after the Trainer's clipping).
-    recorded = [r.params["classifier.weight"].grad_norm for r in scope.history.records]
+    # grad_norm_clipped is what the optimizer applied (after the Trainer's clipping); grad_norm is what
+    # backward produced, so the global pre-clip norm is the one the Trainer logs, and clip_ratio shows it.
+    recorded = [r.params["classifier.weight"].grad_norm_clipped for r in scope.history.records]
     assert recorded == pytest.approx(rec.grad_norms, rel=1e-5)
+    pre = [math.sqrt(sum(p.grad_norm**2 for p in r.params.values() if p.grad_norm)) for r in scope.history.records]
+    assert pre == pytest.approx(rec.logged_grad_norms, rel=1e-3)
+    ratios = [r.clip_ratio for r in scope.history.records]
+    assert ratios == pytest.approx([max(g, 1.0) for g in rec.logged_grad_norms], rel=1e-3)
 
     assert isinstance(cb.report, gradscope.Report)
     assert cb.report.steps == 8
@@ -138,8 +147,11 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
     assert [s for s, _ in rec.losses] == [1]
     first_two = [v for _, v in cb.scope.history.losses][:2]
     assert sum(first_two) / 2 == pytest.approx(rec.losses[0][1], rel=1e-5)
-    recorded = [r.params["classifier.weight"].grad_norm for r in cb.scope.history.records]
+    # what the optimizer applied (after clipping); grad_norm, summed over both micro-batches, is no smaller
+    recorded = [r.params["classifier.weight"].grad_norm_clipped for r in cb.scope.history.records]
     assert recorded == pytest.approx(rec.grad_norms[::2], rel=1e-5)
+    pre = [r.params["classifier.weight"].grad_norm for r in cb.scope.history.records]
+    assert all(p >= c * (1 - 1e-6) for p, c in zip(pre, recorded, strict=True))
     assert_no_hooks(model, trainer.optimizer.optimizer)
 
 

@@ -1,9 +1,13 @@
 """Numerics analyzer: ``nonfinite``.
 
-One finding for the whole run, at the place NaN/Inf first appeared: the first module in forward order
-whose output went non-finite, else the first in backward order whose gradient did, else the parameter's
-owner (History keeps that event run-long, beyond the ring). Modules downstream only inherited the values
-and are not reported separately.
+One finding for the whole run, dated at the first step where NaN/Inf appeared anywhere gradscope looks on
+every step (the loss, the sentinel's global gradient norm: gradscope/stats/sentinel.py) or on a collected
+step (module outputs and gradients, parameters), and placed where it was born (gradscope/stats/birth.py):
+in forward, the first module whose inputs were finite and whose output is not; in backward, the module
+whose output gradient was finite and whose input (or parameter) gradient is not; the loss function when
+every module output was finite and the loss is not. When it first appeared on a step that was not
+collected, the finding says so, and localises it at its next collected occurrence (the default schedule
+collects the steps after a non-finite loss or gradient norm: gradscope/schedule.py).
 
 Mixed precision with ``torch.amp.GradScaler`` overflows gradients on purpose while it calibrates its
 scale and skips those optimizer steps; such a gradient overflow is ``info`` unless the skipping persists
@@ -18,50 +22,92 @@ import math
 from ..config import Thresholds
 from ..findings import Finding, Kind, Severity
 from ..stats.history import History, NonfiniteEvent, _first_nonfinite
+from ..stats.records import StepRecord
 
 _GRAD_SOURCES = frozenset({"gradient", "param_grad"})
 
 _HINTS = {
     "activation": (
         "Guard the operation in this layer against invalid inputs (log/sqrt/division of non-positive "
-        "values, exp overflow): clamp its input or add an eps."
+        "values, exp overflow, a softmax over a fully masked row): clamp its input or add an eps."
     ),
+    "input": "The data fed to the model already holds NaN/Inf: check the input pipeline and its preprocessing.",
     "gradient": (
-        "Clip gradients and lower the learning rate, and look for ops with unbounded derivatives "
-        "(sqrt or pow at zero, division) in this layer."
+        "Look for ops with unbounded derivatives in this layer's backward (sqrt or pow at zero, division, a "
+        "custom autograd Function), and clip gradients."
     ),
     "param_grad": "Clip gradients and lower the learning rate; check this layer's ops for unbounded derivatives.",
     "weight": "Lower the learning rate and clip gradients, and restart from a checkpoint taken before this step.",
-    "loss": "Make the loss numerically safe: use log_softmax/BCEWithLogits instead of log of probabilities, and clamp divisors.",
+    "loss": (
+        "Make the loss numerically safe: log_softmax/BCEWithLogits instead of log of probabilities, clamped "
+        "divisors, and no batch whose targets are all ignored (cross-entropy over zero targets is 0/0)."
+    ),
 }
 
 
 def analyze(history: History, thresholds: Thresholds) -> list[Finding]:
-    first = history.first_nonfinite
-    if first is None:
-        return []
-    bad_loss = next((st for st, v in history.losses if not math.isfinite(v)), None)
-    if bad_loss is not None and bad_loss < first.step:
-        # The loss went non-finite on a step whose module statistics were not collected (every > 1):
-        # the module seen first, later, only inherited it. Date it by the loss; name no wrong layer.
-        return [_uncollected(history, bad_loss, first)]
     skipped = set(history.skipped_steps)
-    if not (first.source in _GRAD_SOURCES and first.step in skipped):
-        return [_finding(history, first, Severity.CRITICAL)]
-    # The first event was a gradient overflow the optimizer never applied: look for one that mattered.
+    located = history.first_located
+    if located is None and history.first_nonfinite is not None and history.first_nonfinite.source != "loss":
+        located = history.first_nonfinite  # a History filled by hand, before first_located existed
+    overflow = None
+    if located is not None and located.source in _GRAD_SOURCES and located.step in skipped:
+        # A gradient overflow the optimizer never applied (GradScaler): look for one that mattered.
+        overflow, located = located, _first_applied(history, located.step, skipped)
+    loss_step = _first_bad_loss(history, skipped)
+    grad_step = min(
+        (s for k, s in history.sentinel.first_nonfinite.items() if k.startswith("grad_norm")), default=None
+    )
+    dates = [s for s in (loss_step, grad_step, located.step if located else None) if s is not None]
+    if not dates:
+        return [_overflow(history, overflow, thresholds)] if overflow is not None else []
+    step = min(dates)
+    if located is not None and located.step == step and loss_step != step and grad_step != step:
+        return [_finding(history, located, Severity.CRITICAL)]  # seen first on a collected step
+    by = "loss" if loss_step == step else "gradient norm" if grad_step == step else "located"
+    rec = _record_at(history, step)
+    if by == "loss" and rec is not None and _forward_finite(rec):
+        return [_loss_born(history, step, rec)]
+    if located is not None and located.step == step:
+        return [_finding(history, located, Severity.CRITICAL)]
+    return [_uncollected(history, step, by, located)]
+
+
+def _first_applied(history: History, after: int, skipped: set[int]) -> NonfiniteEvent | None:
     for rec in history.records:
-        if rec.step < first.step:
+        if rec.step < after:
             continue
         ev = _first_nonfinite(history, rec)
-        if ev is None or (ev.source in _GRAD_SOURCES and (rec.skipped or rec.step in skipped)):
+        if (
+            ev is None
+            or ev.source == "loss"
+            or (ev.source in _GRAD_SOURCES and (rec.skipped or rec.step in skipped))
+        ):
             continue
-        return [_finding(history, ev, Severity.CRITICAL)]
-    return [_overflow(history, first, thresholds)]
+        return ev
+    return None
+
+
+def _first_bad_loss(history: History, skipped: set[int]) -> int | None:
+    """The first step whose loss was NaN/Inf, but for steps the optimizer skipped (a scaler's overflow)."""
+    bad = [s for s, v in (*history.loss_start, *history.losses) if not math.isfinite(v) and s not in skipped]
+    ev = history.first_nonfinite
+    if ev is not None and ev.source == "loss" and ev.step not in skipped:
+        bad.append(ev.step)
+    return min(bad, default=None)
+
+
+def _record_at(history: History, step: int) -> StepRecord | None:
+    return next((r for r in history.records if r.step == step), None)
+
+
+def _forward_finite(rec: StepRecord) -> bool:
+    return bool(rec.activations) and all(a.nonfinite == 0 for a in rec.activations.values())
 
 
 def _counts(history: History, ev: NonfiniteEvent) -> dict[str, float | int | str]:
     """NaN/Inf counts at the event, when its record is still in the ring."""
-    rec = next((r for r in history.records if r.step == ev.step), None)
+    rec = _record_at(history, ev.step)
     if rec is None:
         return {}
     if ev.source == "activation" and ev.layer in rec.activations:
@@ -75,25 +121,155 @@ def _counts(history: History, ev: NonfiniteEvent) -> dict[str, float | int | str
     return {}
 
 
+def _what(ev: NonfiniteEvent) -> str:
+    """Where it was seen, as a phrase: "born in attn's input gradient", "in the weights fc.weight"."""
+    where = ev.layer or "the model"
+    if ev.source == "weight":
+        return f"in the weights {ev.param} of {where}"
+    if ev.source == "param_grad":
+        return f"{'born in' if ev.born else 'in'} the gradient of {ev.param}"
+    if ev.tensor == "input":
+        return f"already in the input of {where} (the data)"
+    if ev.tensor == "input gradient":
+        return (
+            f"born in the backward of {where} (its output gradient finite, the gradient it passed back not)"
+        )
+    if ev.tensor == "output gradient":
+        return f"in the gradient of {where}'s output"
+    return f"born in {where} (its inputs finite, its output not)" if ev.born else f"in the output of {where}"
+
+
 def _finding(history: History, ev: NonfiniteEvent, severity: Severity) -> Finding:
     where = ev.layer or "the model"
     messages = {
-        "activation": f"The output of {where} became NaN/Inf at step {ev.step}; everything after it inherited it.",
-        "gradient": f"The gradient at {where} became NaN/Inf at step {ev.step} although the forward pass was finite.",
+        "activation": (
+            f"The output of {where} became NaN/Inf at step {ev.step} although its inputs were finite; "
+            "everything after it inherited it."
+            if ev.born
+            else f"The output of {where} became NaN/Inf at step {ev.step}; everything after it inherited it."
+        ),
+        "gradient": (
+            f"{where} produced a NaN/Inf gradient in backward at step {ev.step}: the gradient at its output "
+            "was finite, the one it passed back to its inputs was not, and the forward was finite."
+            if ev.tensor == "input gradient"
+            else f"The gradient at {where} became NaN/Inf at step {ev.step} although the forward pass was finite."
+        ),
         "param_grad": f"The gradient of {ev.param} became NaN/Inf at step {ev.step}.",
         "weight": f"The weights {ev.param} of {where} hold NaN/Inf from step {ev.step}.",
-        "loss": f"The loss became NaN/Inf at step {ev.step} while every module output was finite.",
     }
-    evidence: dict[str, float | int | str] = {"source": ev.source, **_counts(history, ev)}
-    if ev.param:
-        evidence["param"] = ev.param
+    if ev.tensor == "input":
+        messages["activation"] = f"The input of {where} already held NaN/Inf at step {ev.step}: the data did."
+    hint = _HINTS["input"] if ev.tensor == "input" else _HINTS.get(ev.source, _HINTS["gradient"])
     return Finding(
         kind=Kind.NONFINITE.value,
         severity=severity.value,
         layer=ev.layer,
         step=ev.step,
         message=messages.get(ev.source, f"NaN/Inf appeared at {where} at step {ev.step}."),
-        hint=_HINTS.get(ev.source, _HINTS["gradient"]),
+        hint=hint,
+        evidence=_evidence(history, ev),
+    )
+
+
+def _evidence(history: History, ev: NonfiniteEvent) -> dict[str, float | int | str]:
+    evidence: dict[str, float | int | str] = {
+        "source": ev.source,
+        "tensor": ev.tensor or ev.source,
+        "step": ev.step,
+        "born_here": int(ev.born),
+        **_counts(history, ev),
+    }
+    if ev.param:
+        evidence["param"] = ev.param
+    return evidence
+
+
+def _loss_born(history: History, step: int, rec: StepRecord) -> Finding:
+    """The loss went non-finite on a collected step whose every module output was finite."""
+    evidence: dict[str, float | int | str] = {
+        "source": "loss",
+        "tensor": "loss",
+        "step": step,
+        "born_here": 1,
+    }
+    last = _last_finite_loss(history, step)
+    if last is not None:
+        evidence["last_finite_loss"] = last
+    return Finding(
+        kind=Kind.NONFINITE.value,
+        severity=Severity.CRITICAL.value,
+        layer="",
+        step=step,
+        message=(
+            f"The loss became NaN/Inf at step {step} while every module output was finite: the loss "
+            "computation made it (and backward carried it into every gradient)."
+        ),
+        hint=_HINTS["loss"],
+        evidence=evidence,
+    )
+
+
+def _next_loss_birth(history: History, after: int) -> int | None:
+    """The first collected step after ``after`` whose loss was NaN/Inf while its module outputs were finite."""
+    bad = {s for s, v in (*history.loss_start, *history.losses) if s > after and not math.isfinite(v)}
+    for rec in history.records:
+        if rec.step in bad and _forward_finite(rec):
+            return rec.step
+    return None
+
+
+def _last_finite_loss(history: History, step: int) -> float | None:
+    before = [(s, v) for s, v in (*history.loss_start, *history.losses) if s < step and math.isfinite(v)]
+    return max(before)[1] if before else None
+
+
+def _uncollected(history: History, step: int, by: str, located: NonfiniteEvent | None) -> Finding:
+    """First seen on a step whose modules were not collected: dated by the loss or the gradient norm."""
+    what = "The loss" if by == "loss" else "The global gradient norm"
+    evidence: dict[str, float | int | str] = {"source": by, "tensor": by, "step": step, "collected": 0}
+    last = _last_finite_loss(history, step)
+    if last is not None:
+        evidence["last_finite_loss"] = last
+    again = _next_loss_birth(history, step)
+    if again is not None and (located is None or again < located.step):
+        # its next collected occurrence was a non-finite loss over finite module outputs
+        message = (
+            f"{what} became NaN/Inf at step {step}, a step whose modules were not collected; at its next "
+            f"collected occurrence, step {again}, every module output was finite: the loss computation made it."
+        )
+        layer, hint = "", _HINTS["loss"]
+        evidence.update(first_seen_layer="", first_seen_step=again, first_seen_tensor="loss", born_here=1)
+    elif located is None:
+        message = (
+            f"{what} became NaN/Inf at step {step}, a step whose modules were not collected; no collected "
+            "step has seen it since."
+        )
+        layer, hint = "", _HINTS["loss" if by == "loss" else "gradient"]
+    else:
+        message = (
+            f"{what} became NaN/Inf at step {step}, a step whose modules were not collected; at its next "
+            f"collected occurrence, step {located.step}, it was {_what(located)}."
+        )
+        # The module is named only where it was seen being born; a weight already NaN says nothing of where.
+        layer = located.layer if located.born else ""
+        hint = (
+            _HINTS["input"] if located.tensor == "input" else _HINTS.get(located.source, _HINTS["gradient"])
+        )
+        evidence.update(
+            first_seen_layer=located.layer,
+            first_seen_step=located.step,
+            first_seen_tensor=located.tensor or located.source,
+            born_here=int(located.born),
+        )
+        if located.param:
+            evidence["param"] = located.param
+    return Finding(
+        kind=Kind.NONFINITE.value,
+        severity=Severity.CRITICAL.value,
+        layer=layer,
+        step=step,
+        message=message,
+        hint=hint,
         evidence=evidence,
     )
 
@@ -141,18 +317,3 @@ def _overflow(history: History, first: NonfiniteEvent, th: Thresholds) -> Findin
         overflow="skipped",
     )
     return f
-
-
-def _uncollected(history: History, step: int, seen: NonfiniteEvent) -> Finding:
-    return Finding(
-        kind=Kind.NONFINITE.value,
-        severity=Severity.CRITICAL.value,
-        layer="",
-        step=step,
-        message=(
-            f"The loss became NaN/Inf at step {step}, between collected steps; by step {seen.step} it had "
-            f"reached {seen.layer or 'the model'}."
-        ),
-        hint="Re-run with watch(..., every=1) to locate the first module that produces it.",
-        evidence={"source": "loss", "first_seen_layer": seen.layer, "first_seen_step": seen.step},
-    )

@@ -76,6 +76,7 @@ class ModuleHooks:
         self.histograms = histograms
         self.guard = guard
         self.collecting = True  # step 0 is always collected
+        self.births: Any = None  # hooks/backward.py: finiteness of each module's inputs (set by the scope)
         self._next_order = 0
         self._last_units: tuple[torch.Size, int] | None = None
 
@@ -125,6 +126,8 @@ class ModuleHooks:
             self.guard.fail(w.name, ACT, exc)
             self.guard.fail(w.name, GRAD, exc)
             return
+        if self.births is not None:
+            self.births.on_forward(w.name, inputs)  # guarded inside: it switches itself off on an error
         self._run(w, ACT, self._activations, w, outs)
         self._run(w, GRAD, self._grad_hooks, w, outs)
 

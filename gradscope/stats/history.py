@@ -11,7 +11,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..config import DEFAULT_HISTORY
+from .birth import NonfiniteEvent
+from .birth import first_nonfinite as _first_nonfinite
 from .records import LayerInfo, ParamInfo, StepRecord
+from .sentinel import SentinelLog
 
 #: Losses kept from the start of a run (see ``History.loss_start``).
 LOSS_START_KEPT = 64
@@ -54,16 +57,6 @@ class Downsampled:
 
 
 @dataclass
-class NonfiniteEvent:
-    """Where and when NaN/Inf was first seen."""
-
-    step: int
-    layer: str
-    source: str  # "activation", "gradient", "param_grad", "weight", "loss"
-    param: str = ""  # the parameter, for "param_grad" / "weight"
-
-
-@dataclass
 class History:
     """What analyzers read. Build it by hand in tests: ``History(layers=..., params=...)`` + ``add()``."""
 
@@ -76,6 +69,9 @@ class History:
     records: deque[StepRecord] = field(init=False)
     first: StepRecord | None = field(default=None, init=False)
     first_nonfinite: NonfiniteEvent | None = field(default=None, init=False)
+    # The first non-finite value a collected step saw in a module or parameter (stats/birth.py): where
+    # it was born, even when first_nonfinite is the loss of an earlier, uncollected step.
+    first_located: NonfiniteEvent | None = field(default=None, init=False)
     ever_grad: set[str] = field(default_factory=set, init=False)  # params that ever received a gradient
     losses: deque[tuple[int, float]] = field(init=False)  # (step, loss) of every step that gave one
     # The run's first losses, never dropped from the ring: where training began is the baseline that
@@ -86,6 +82,8 @@ class History:
     lr_curves: list[Downsampled] = field(default_factory=list, init=False)  # per param group, whole run
     skipped_steps: list[int] = field(default_factory=list, init=False)  # bounded: last `capacity`
     skipped_total: int = field(default=0, init=False)
+    # Per-step sentinels (every step, collected or not): first non-finite steps, gradient norms, bursts.
+    sentinel: SentinelLog = field(default_factory=SentinelLog, init=False)
     # Layers (or "" for the model as a whole) whose statistics gradscope stopped measuring after an error
     # in its own hooks, and why: the report says what it could not see rather than staying silent.
     unmeasured: dict[str, str] = field(default_factory=dict, init=False)
@@ -111,8 +109,12 @@ class History:
             self.lr_curves[g].add(record.step, lr)
         if record.skipped:
             self.add_skipped(record.step)
-        if self.first_nonfinite is None:
-            self.first_nonfinite = _first_nonfinite(self, record)
+        if self.first_nonfinite is None or self.first_located is None:
+            event = _first_nonfinite(self, record)
+            if self.first_nonfinite is None:
+                self.first_nonfinite = event
+            if self.first_located is None and event is not None and event.source != "loss":
+                self.first_located = event
 
     def add_loss(self, step: int, loss: float) -> None:
         if len(self.loss_start) < LOSS_START_KEPT and (not self.loss_start or self.loss_start[-1][0] < step):
@@ -125,7 +127,7 @@ class History:
         if _finite(loss) and (self.loss_min is None or loss < self.loss_min):
             self.loss_min = float(loss)
         if self.first_nonfinite is None and not _finite(loss):
-            self.first_nonfinite = NonfiniteEvent(step=step, layer="", source="loss")
+            self.first_nonfinite = NonfiniteEvent(step=step, layer="", source="loss", tensor="loss")
 
     def add_skipped(self, step: int) -> None:
         if not self.skipped_steps or self.skipped_steps[-1] != step:
@@ -147,28 +149,3 @@ class History:
 
 def _finite(x: float) -> bool:
     return x == x and x not in (float("inf"), float("-inf"))
-
-
-def _first_nonfinite(history: History, record: StepRecord) -> NonfiniteEvent | None:
-    """The first module (forward order) whose output went non-finite; else backward order; else params."""
-    order = history.layer_order()
-    bad_act = [n for n, a in record.activations.items() if a.nonfinite > 0]
-    if bad_act:
-        layer = min(bad_act, key=lambda n: order.get(n, 1 << 30))
-        return NonfiniteEvent(step=record.step, layer=layer, source="activation")
-    bad_grad = [n for n, g in record.gradients.items() if g.nonfinite > 0]
-    if bad_grad:
-        layer = min(bad_grad, key=lambda n: record.gradients[n].order)
-        return NonfiniteEvent(step=record.step, layer=layer, source="gradient")
-    for pname, p in record.params.items():
-        if p.weight_nonfinite or p.grad_nonfinite:
-            info = history.params.get(pname)
-            return NonfiniteEvent(
-                step=record.step,
-                layer=info.layer if info else "",
-                source="weight" if p.weight_nonfinite else "param_grad",
-                param=pname,
-            )
-    if record.loss is not None and not _finite(record.loss):
-        return NonfiniteEvent(step=record.step, layer="", source="loss")
-    return None

@@ -102,6 +102,9 @@ class ParamStats:
     lr: float | None = None  # learning rate of its param group at this step
     # Adam-family: RMS of the effective per-element step lr / (sqrt(v_hat) + eps), if available.
     adam_step_rms: float | None = None
+    # grad_norm is the gradient as backward produced it (before the user's clipping, unscaled) when the
+    # pre-clip hooks ran (hooks/param_grads.py); this is the norm the optimizer then received.
+    grad_norm_clipped: float | None = None
 
     @property
     def grad_to_weight(self) -> float | None:
@@ -134,6 +137,15 @@ class NormStats:
 
 
 @dataclass
+class InputStats:
+    """Whether what came into a module was finite, on one collected step (hooks/backward.py)."""
+
+    nonfinite: bool | None = None  # its floating inputs in forward held NaN/Inf (None: not seen)
+    grad_nonfinite: bool | None = None  # the gradient it passed back to its inputs held NaN/Inf
+    grad_order: int = -1  # index of its first input gradient in the step's backward (0 = first)
+
+
+@dataclass
 class StepRecord:
     """Everything collected on one training step."""
 
@@ -146,3 +158,6 @@ class StepRecord:
     eval_norms: dict[str, NormStats] = field(default_factory=dict)  # by layer, eval forwards since last record
     lrs: list[float] = field(default_factory=list)  # per param group, across watched optimizers
     skipped: bool = False  # the optimizer did not apply this step (e.g. GradScaler found inf/NaN)
+    inputs: dict[str, InputStats] = field(default_factory=dict)  # by layer: finiteness of what came in
+    # Global gradient norm as backward produced it / as the optimizer received it (> 1: the user clipped).
+    clip_ratio: float | None = None

@@ -1,0 +1,140 @@
+"""Per-step sentinels: the loss and the global gradient norm of EVERY step, read without a host-device sync.
+
+Collected steps are sampled; these two numbers are not. They date the first non-finite loss or gradient
+exactly and feed the schedule's bursts (gradscope/schedule.py). Each costs one small reduction on the
+device per step and nothing else:
+
+- on the CPU a tensor's value is read directly (there is no device to wait for);
+- on a CUDA device the scalar is copied asynchronously into a slot of a pinned host buffer and an event
+  is recorded after the copy; :meth:`Sentinel.poll` reads only the slots whose event has completed
+  (``Event.query()`` never blocks), so a value arrives a step or so late, and never costs a sync;
+- on other devices (MPS, XPU ...) the sentinel is off: no portable non-blocking read exists there.
+
+If the pinned ring is full (the device is far behind the host) a value is dropped, never waited for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..distributed import local
+
+#: Slots of the pinned ring per device: values in flight at once before new ones are dropped.
+RING = 64
+
+#: Per-step gradient norms kept for reporters and analyzers (bounded: memory does not grow with the run).
+KEPT = 1024
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The global L2 norm of the gradients that exist, on their device: one fused ``_foreach_norm`` and
+    one norm of the norms, no host sync. NaN/Inf if any gradient held one. None without gradients."""
+    grads: list[torch.Tensor] = []
+    for p in params:
+        g = p.grad
+        if g is None or g.is_sparse:
+            continue
+        grads.append(local(g.detach()))
+    if not grads:
+        return None
+    # fused per device and dtype on accelerators; fp32 results so that fp16 norms cannot overflow
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))  # () fp32
+
+
+class _Ring:
+    """A pinned host buffer and the copies in flight into it, for one CUDA device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.host = torch.zeros(RING, dtype=torch.float32, pin_memory=True)
+        self.free = deque(range(RING))
+        self.pending: deque[tuple[int, str, int, Any]] = deque()  # (step, name, slot, event)
+
+    def push(self, step: int, name: str, value: torch.Tensor) -> bool:
+        if not self.free:
+            return False  # the device is far behind: drop rather than wait
+        slot = self.free.popleft()
+        with torch.cuda.device(self.device):
+            self.host[slot : slot + 1].copy_(value.detach().reshape(1).float(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((step, name, slot, event))
+        return True
+
+    def poll(self) -> list[tuple[int, str, float]]:
+        out: list[tuple[int, str, float]] = []
+        while self.pending and self.pending[0][3].query():  # in stream order: stop at the first in flight
+            step, name, slot, _ = self.pending.popleft()
+            out.append((step, name, float(self.host[slot])))
+            self.free.append(slot)
+        return out
+
+
+@dataclass
+class SentinelLog:
+    """What the sentinels saw over the whole run, in bounded memory (kept in History.sentinel)."""
+
+    #: First step at which each signal ("loss", "grad_norm") was non-finite.
+    first_nonfinite: dict[str, int] = field(default_factory=dict)
+    #: (step, global gradient norm as the optimizer received it) of the last KEPT steps that had one.
+    grad_norms: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=KEPT))
+    #: (first step, why) of each burst of dense collection (the first 64 of the run).
+    bursts: list[tuple[int, str]] = field(default_factory=list)
+
+    def add(self, step: int, name: str, value: float) -> None:
+        if not math.isfinite(value) and (
+            name not in self.first_nonfinite or step < self.first_nonfinite[name]
+        ):
+            self.first_nonfinite[name] = step
+        if name == "grad_norm":
+            self.grad_norms.append((step, value))
+
+
+class Sentinel:
+    """Collects per-step scalars on their device and hands them back as host numbers when they are ready."""
+
+    def __init__(self) -> None:
+        self._rings: dict[torch.device, _Ring] = {}
+        self._ready: list[tuple[int, str, float]] = []
+        self.enabled = True
+
+    def push(self, step: int, name: str, value: torch.Tensor | float) -> None:
+        """Take the value of signal ``name`` at ``step``; never blocks, never raises into training."""
+        if not self.enabled:
+            return
+        if not isinstance(value, torch.Tensor):
+            self._ready.append((step, name, float(value)))
+            return
+        if value.numel() != 1 or not (value.is_floating_point() or value.is_complex()):
+            return
+        device = value.device
+        if device.type == "cpu":
+            self._ready.append((step, name, float(value.detach().reshape(()).real.float())))
+        elif device.type == "cuda":
+            ring = self._rings.get(device)
+            if ring is None:
+                ring = self._rings[device] = _Ring(device)
+            ring.push(step, name, value.real if value.is_complex() else value)
+        # other devices: no way to read without a sync, so no sentinel there
+
+    def push_grad_norm(self, step: int, params: list[torch.Tensor], name: str = "grad_norm") -> None:
+        """The global gradient norm of ``params`` at ``step`` (reduced on the device)."""
+        if not self.enabled:
+            return
+        norm = grad_norm(params)
+        if norm is not None and norm.device.type in ("cpu", "cuda"):
+            self.push(step, name, norm)
+
+    def poll(self) -> list[tuple[int, str, float]]:
+        """Every value whose copy has landed, oldest first per device; never waits."""
+        out, self._ready = self._ready, []
+        for ring in self._rings.values():
+            out.extend(ring.poll())
+        return out
