@@ -177,8 +177,7 @@ class StepCollector:
         if xd.dim() >= 2:
             sumsq, mean, var = R.norm_input_stats(xd)  # one pass, no fp32 copy of the input
         else:
-            flat = xd.reshape(-1).float()
-            sumsq, mean, var = torch.dot(flat, flat), None, None
+            sumsq, mean, var = R.sum_of_squares(xd), None, None
         acc = self._acc(target, layer)
         sums_l, sum_names = [sumsq.reshape(())], ["sumsq"]
         maxes_l: list[torch.Tensor] = []
