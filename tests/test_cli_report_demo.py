@@ -79,7 +79,8 @@ def test_report_exit_2_with_one_line(tmp_path: Path, case: str) -> None:
 
 
 def test_demo_runs_every_scenario_and_diagnoses_each(tmp_path: Path) -> None:
-    from gradscope import zoo
+    import zoo
+
     from gradscope.demo import DEMO
 
     result = CliRunner().invoke(cli, ["demo", "--log-dir", str(tmp_path)], terminal_width=100)

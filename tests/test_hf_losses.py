@@ -82,9 +82,18 @@ def train(model: nn.Module, tmp_path: Path, callbacks: list[Any], dataset: Any, 
     return trainer
 
 
+@pytest.fixture
+def one_thread() -> Any:
+    """Identical runs on a busy machine: one thread, one reduction order (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("build", "lm", "accumulation"), [(bert, False, 1), (gpt2, True, 2)])
 def test_every_step_has_its_loss_with_logging_steps_500(tmp_path: Path, build: Any, lm: bool, accumulation: int) -> None:
-    torch.set_num_threads(1)  # identical runs on a busy machine: one thread, one reduction order
     reference = Logged()
     train(build(), tmp_path / "ref", [reference], Tokens(lm=lm), logging_steps=1,
           gradient_accumulation_steps=accumulation)

@@ -15,11 +15,11 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
+import zoo  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import gradscope  # noqa: E402
-from gradscope import zoo  # noqa: E402
 from gradscope.errors import UsageError  # noqa: E402
 from gradscope.integrations.lightning import GradscopeCallback  # noqa: E402
 

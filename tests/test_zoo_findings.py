@@ -1,4 +1,4 @@
-"""End to end: real seeded training runs from gradscope.zoo, watched by gradscope.
+"""End to end: real seeded training runs from the zoo (tests/zoo.py, built on gradscope.demo), watched by gradscope.
 
 Each broken model must be caught as the right kind at the right layer, and each test also checks the
 physical fact with plain torch (the gradient really vanished, the units really are dead), so a finding
@@ -12,9 +12,9 @@ from statistics import median
 
 import pytest
 import torch
+import zoo
 
 import gradscope
-from gradscope import zoo
 from gradscope.findings import Report
 
 

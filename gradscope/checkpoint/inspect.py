@@ -4,9 +4,9 @@ run a probe on synthetic input, and return a Report (with a per-layer table in `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -117,12 +117,15 @@ def inspect(
         if net is not None and shape is not None:
             original = ckpt.state_dict(original_keys=True)
             names = {e.key: e.name for e in ckpt.entries}
-            probe.load_strict(net, {names[k]: t for k, t in original.items()}, original, str(ckpt.path))
+            tied = probe.load_strict(net, {names[k]: t for k, t in original.items()}, original, str(ckpt.path))
+            if tied:  # said in the view's facts, so a reader knows why those keys were not missing
+                ckpt.meta["tied"] = ", ".join(f"{k} = {v}" for k, v in tied.items())
             del original  # the model holds its own copy; let the mapping go
             gen = torch.Generator().manual_seed(0)
             probe.synthetic_input(net, shape, input_dtype, vocab, gen)  # bad dtype/vocab fail before the pass
             probed = probe.run_probe(net, lambda: probe.synthetic_input(net, shape, input_dtype, vocab, gen), th)
-            findings += probed.findings
+            # A checkpoint has no training step (the contract: step None), the probe's findings neither.
+            findings += [dataclasses.replace(f, step=None) for f in probed.findings]
             steps = probed.steps
             layers = _merge_layers(layers, probed.layers, [n for n, _ in net.named_modules()])
         order = {name: i for i, name in enumerate(layers)}
@@ -225,18 +228,10 @@ def _write_report(report: Report, log_dir: Path, writer: Any) -> None:
 
     writer.add_text("gradscope/report", findings_markdown(report), global_step=0)
     text = report.to_json()
+    from ..reporters.json import replace_atomically
+
     try:
-        # Atomic: a reader never sees half a report (same directory, so os.replace is a rename).
-        fd, tmp = tempfile.mkstemp(prefix=".gradscope-", suffix=".json.tmp", dir=log_dir)
+        # Atomic (a reader never sees half a report), with the mode the user's umask allows.
+        replace_atomically(str(log_dir / JSON_NAME), text)
     except OSError as exc:
         raise UsageError(f"--log-dir {log_dir}: cannot write {JSON_NAME}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, log_dir / JSON_NAME)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise UsageError(f"--log-dir {log_dir}: cannot write {JSON_NAME}: {exc.strerror or exc}") from None
-        raise

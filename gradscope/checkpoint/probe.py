@@ -81,13 +81,19 @@ def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], original: Mapping[str, torch.Tensor],
-                where: str) -> None:
-    """load_state_dict(strict=True), with one line listing missing, unexpected and mis-shaped keys."""
-    expected = model.state_dict()
+                where: str) -> dict[str, str]:
+    """load_state_dict(strict=True), with one line listing missing, unexpected and mis-shaped keys.
+
+    A key the file lacks is not missing when the model ties it to a key the file has (``save_pretrained``
+    leaves tied parameters out: GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``): loading one
+    loads both. Returns those ties, ``{absent key: the loaded key it is tied to}``.
+    """
+    expected = model.state_dict(keep_vars=True)
     # Display names have wrapper prefixes stripped; a model that itself carries them wants the originals.
     if set(original) == set(expected) and set(state) != set(expected):
         state = original
-    missing = [k for k in expected if k not in state]
+    tied = tied_keys(expected, state)
+    missing = [k for k in expected if k not in state and k not in tied]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} (checkpoint {list(state[k].shape)}, model {list(v.shape)})"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
@@ -96,9 +102,22 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], original: M
     if parts:
         raise CheckpointError(f"{where}: does not match the model: " + "; ".join(parts))
     try:
-        model.load_state_dict(state, strict=True)
+        result = model.load_state_dict(state, strict=not tied)
     except Exception as exc:
         raise CheckpointError(f"{where}: cannot be loaded into the model: {_first_line(exc)}") from None
+    left = [k for k in getattr(result, "missing_keys", []) if k not in tied]
+    if left:  # strict=False only ever forgives the tied keys
+        raise CheckpointError(f"{where}: does not match the model: missing keys: {_some(left)}")
+    return tied
+
+
+def tied_keys(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> dict[str, str]:
+    """Keys of ``expected`` absent from ``state`` whose tensor is the very tensor of a key ``state`` has."""
+    by_tensor: dict[int, str] = {}
+    for k, v in expected.items():
+        if k in state:
+            by_tensor.setdefault(id(v), k)
+    return {k: by_tensor[id(v)] for k, v in expected.items() if k not in state and id(v) in by_tensor}
 
 
 def synthetic_input(model: nn.Module, shape: tuple[int, ...], dtype: str | torch.dtype | None = None,

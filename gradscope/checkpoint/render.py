@@ -43,15 +43,23 @@ def render_inspection(inspection: Inspection, console: Console, max_rows: int = 
 
 def _weights(layers: dict[str, dict[str, Any]], width: int, max_rows: int) -> Table:
     probed = any("grad_norm" in info or "param_grad_norm" in info for info in layers.values())
-    table = Table(title="Weights", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    name_width = max(20, min(60, width - (68 if probed else 58)))
-    table.add_column("tensor", no_wrap=True, max_width=name_width, overflow="ellipsis")
-    table.add_column("shape", no_wrap=True)
-    table.add_column("dtype", no_wrap=True)
-    for col in ("RMS", "abs-max", "σ≈", "zeros"):
-        table.add_column(col, justify="right", no_wrap=True)
+    table = Table(title="Weights", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  collapse_padding=True)
+    rows_all = [row for info in layers.values() for row in info.get("tensors", {}).values()]
+    shape_width = max(5, min(11, max((len(_shape(r)) for r in rows_all), default=5)))  # >= the header
+    dtype_width = max(5, max((len(str(r.get("dtype", ""))) for r in rows_all), default=5))
+    # Every other column has a fixed width, so the name gets what is left and is shortened to exactly that
+    # (rich would otherwise squeeze it and cut names at both ends).
+    fixed = shape_width + dtype_width + 3 * 7 + 5 + (7 if probed else 0) + 2 * (7 if probed else 6)
+    name_width = max(12, min(60, width - fixed))
+    table.add_column("tensor", no_wrap=True, width=name_width)
+    table.add_column("shape", no_wrap=True, width=shape_width, overflow="ellipsis")
+    table.add_column("dtype", no_wrap=True, width=dtype_width)
+    for col in ("RMS", "abs-max", "σ≈"):
+        table.add_column(col, justify="right", no_wrap=True, width=7)
+    table.add_column("zeros", justify="right", no_wrap=True, width=5)
     if probed:
-        table.add_column("grad", justify="right", no_wrap=True)
+        table.add_column("grad", justify="right", no_wrap=True, width=7)
     rows = 0
     total = sum(len(info.get("tensors", {})) for info in layers.values())
     for layer, info in layers.items():
@@ -64,7 +72,7 @@ def _weights(layers: dict[str, dict[str, Any]], width: int, max_rows: int) -> Ta
             bad = row.get("nonfinite", 0)
             cells = [
                 Text(shorten(name, name_width), style="bold red" if bad else ""),
-                "×".join(str(d) for d in row["shape"]) or "scalar",
+                _shape(row),
                 row["dtype"],
                 _num(row["rms"]),
                 _num(row["abs_max"]),
@@ -76,6 +84,10 @@ def _weights(layers: dict[str, dict[str, Any]], width: int, max_rows: int) -> Ta
             table.add_row(*cells)
             rows += 1
     return table
+
+
+def _shape(row: dict[str, Any]) -> str:
+    return "×".join(str(d) for d in row.get("shape", ())) or "scalar"
 
 
 def _num(value: Any) -> str:

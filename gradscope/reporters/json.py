@@ -33,15 +33,16 @@ def write_json(report: Report, path: str | os.PathLike[str], summary: dict[str, 
     target = os.path.abspath(os.fspath(path))
     guard = _guards.setdefault(target, WriteGuard(f"the report to {target}"))
     text = json.dumps(report.to_dict(), indent=2, allow_nan=False)
-    written = guard.run(lambda: _replace(target, text)) is not None
+    written = guard.run(lambda: replace_atomically(target, text)) is not None
     if written and summary:
         side = os.path.join(os.path.dirname(target), SUMMARY_NAME)
         side_text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
-        written = guard.run(lambda: _replace(side, side_text)) is not None
+        written = guard.run(lambda: replace_atomically(side, side_text)) is not None
     return written
 
 
-def _replace(target: str, text: str) -> bool:
+def replace_atomically(target: str, text: str) -> bool:
+    """Write ``text`` (plus a newline) to ``target`` through a temporary file and ``os.replace``."""
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
     # Not tempfile.mkstemp: it creates the file 0600 whatever the umask, and os.replace keeps that mode,

@@ -53,6 +53,21 @@ def render_report(report: Report, console: Console, summary: dict[str, Any] | No
     if flow is not None:
         console.print()
         console.print(flow)
+    for line in unmeasured_lines(report):
+        console.print(line)
+
+
+def unmeasured_lines(report: Report) -> list[Text]:
+    """Layers whose statistics gradscope switched off after an error in them, and why (one line each)."""
+    out = []
+    for name, info in report.layers.items():
+        reason = info.get("unmeasured") if isinstance(info, dict) else None
+        if reason:
+            line = Text("not measured: ", style="yellow")
+            line.append(name or "(model)", style="cyan")
+            line.append(f": {reason}", style="dim")
+            out.append(line)
+    return out
 
 
 def render_brief(

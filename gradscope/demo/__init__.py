@@ -1,7 +1,10 @@
-"""The scenarios of ``gradscope demo``: models from :mod:`gradscope.zoo`, healthy and broken, on synthetic data.
+"""``gradscope demo``: small models, healthy and broken, trained on synthetic data with gradscope watching.
 
-Each scenario is a small model with one known problem (or none), trained for a few dozen steps with
-gradscope watching. Nothing is downloaded. This module computes; ``gradscope_cli.demo_cmd`` shows.
+Each scenario (:mod:`.scenarios`) is a small model with one known problem (or none), trained for a few
+dozen steps. Nothing is downloaded. This package computes; ``gradscope_cli.demo_cmd`` shows.
+
+- data.py: seeded synthetic datasets; models.py: the small models; training.py: the loop and Scenario;
+- scenarios.py: the demo's scenarios and the finding each one shows.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import zoo
-from .findings import Report
-from .scope import watch
+from ..findings import Report
+from ..scope import watch
+from .scenarios import SCENARIOS, build
+from .training import Scenario
+
+__all__ = ["DEMO", "SCENARIOS", "Result", "Scenario", "build", "run_demo", "run_scenario"]
 
 #: The demo's scenarios, in the order shown: the healthy control first, then one per problem.
 DEMO: tuple[str, ...] = (
@@ -36,7 +42,7 @@ EVERY = 1
 
 @dataclass
 class Result:
-    name: str  # the zoo scenario, and the TensorBoard run name: DIR/<name>
+    name: str  # the scenario, and the TensorBoard run name: DIR/<name>
     why: str  # one line: what is wrong with it (or that nothing is)
     expect: tuple[str, str] | None  # (kind, layer) gradscope should report; None for a healthy control
     report: Report
@@ -54,8 +60,8 @@ class Result:
 
 
 def run_scenario(name: str, log_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> Result:
-    """Train one zoo scenario with gradscope watching; TensorBoard logs go to ``log_dir`` when given."""
-    sc = zoo.build(name, seed)
+    """Train one scenario with gradscope watching; TensorBoard logs go to ``log_dir`` when given."""
+    sc = build(name, seed)
     start = time.perf_counter()
     with watch(sc.model, sc.optimizer, log_dir=log_dir, every=EVERY) as scope:
         sc.run(scope)
