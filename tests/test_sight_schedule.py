@@ -191,3 +191,63 @@ def test_a_parameter_gradient_born_under_a_finite_output_gradient_is_named():
     }
     ev = first_nonfinite(h, rec)
     assert (ev.layer, ev.source, ev.param, ev.born) == ("fc", "param_grad", "fc.weight", True)
+
+
+def test_clip_summary_counts_only_steps_the_clip_acted_on():
+    from gradscope.stats.clipping import clip_summary
+
+    h = History()
+    assert clip_summary(h) == {}
+    for step, ratio in enumerate([1.0, 3.0, 1.0, 5.0, None]):
+        h.add(StepRecord(step=step, clip_ratio=ratio))
+    assert clip_summary(h) == {
+        "clipped_steps": 2,
+        "measured_steps": 4,
+        "clipped_share": 0.5,
+        "median_ratio": 4.0,
+        "max_ratio": 5.0,
+    }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sentinel_never_synchronises():
+    sen = Sentinel()
+    p = torch.zeros(1000, device="cuda", requires_grad=True)
+    p.grad = torch.full_like(p, 2.0)
+    torch.cuda.synchronize()
+    got = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(5):
+            sen.push(step, "loss", torch.tensor(float(step), device="cuda") * 1.0)
+            sen.push_grad_norm(step, [p])
+            got += sen.poll()  # whatever has landed; never waits
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    got += sen.poll()
+    assert sorted((s, n) for s, n, _ in got) == sorted((s, n) for s in range(5) for n in ("loss", "grad_norm"))
+    for s, n, v in got:
+        assert v == pytest.approx(float(s) if n == "loss" else 2.0 * math.sqrt(1000))
+
+
+def test_a_loss_spike_makes_the_next_steps_collected_in_a_real_loop():
+    import gradscope
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    with gradscope.watch(model, optimizer=opt) as scope:
+        for step in range(60):
+            opt.zero_grad()
+            scale = 100.0 if step == 33 else 1.0  # one batch with targets 100x off: the loss jumps
+            loss = (model(x) - scale * y).pow(2).mean()
+            loss.backward()
+            opt.step()
+            scope.step(loss)
+    collected = [r.step for r in scope.history.records]
+    # dense start, every 10th, and the 8 steps after the spike at step 33
+    assert collected == [*range(16), 20, 30, *range(34, 42), 50]
+    assert scope.history.sentinel.bursts[0][0] == 34
+    assert len(scope.history.sentinel.grad_norms) == 60  # the gradient norm of every step
