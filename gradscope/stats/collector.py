@@ -134,16 +134,25 @@ class StepCollector:
     ) -> None:
         """One output tensor of a module. ``unit_dim``: per-unit alive masks (relu-like modules);
         ``unit_max_dim``: per-unit largest raw value (weighted layers)."""
-        sums, maxes = R.activation_stats(x, band=band, count_neg=count_neg)
+        # One pass gives the moments and the per-unit view (relu-like modules are never weighted: one or
+        # the other): |x| max per unit for alive masks, the raw max per unit for weighted layers.
+        dim = unit_dim if unit_dim is not None else unit_max_dim
+        if dim is None:
+            sums, maxes = R.activation_stats(x, band=band, count_neg=count_neg)
+        else:
+            sums, maxes, units = R.activation_stats(
+                x, band=band, count_neg=count_neg, unit_dim=dim, unit_abs=unit_dim is not None
+            )
         acc = self._acc(self.acts, layer)
         acc.put("sums", SUM, sums, R.act_sum_slots(count_neg=count_neg, band=band is not None))
         acc.put("maxes", MAX, maxes, R.ACT_MAX_SLOTS)
         if unit_dim is not None:  # one mask per width: a shared module applied at several widths keeps all
-            units = R.unit_absmax(x, unit_dim, nonnegative=not count_neg)
             acc.put(f"alive/{units.numel()}", MAX, units)
-        if unit_max_dim is not None:
-            top = R.unit_absmax(x, unit_max_dim, nonnegative=True)  # no abs(): the raw per-unit maximum
-            acc.put(f"unit_max/{top.numel()}", MAX, top)
+            if unit_max_dim is not None:  # not reached today; kept correct if a module is ever both
+                top = R.unit_absmax(x, unit_max_dim, nonnegative=True) if unit_max_dim != unit_dim else units
+                acc.put(f"unit_max/{top.numel()}", MAX, top)
+        elif unit_max_dim is not None:
+            acc.put(f"unit_max/{units.numel()}", MAX, units)
         if sample:
             acc.put("sample", LOCAL, R.strided_sample(x))
         acc.numel += x.numel()
@@ -152,18 +161,15 @@ class StepCollector:
     def add_norm_input(self, layer: str, module: torch.nn.Module, x: torch.Tensor, *, training: bool) -> None:
         """A normalization layer's input against its running statistics, before this batch updates them."""
         target = self.norms if training else self.eval_norms
-        xf = x.detach()
-        if xf.dtype != torch.float32:
-            xf = xf.float()
-        flat = xf.reshape(-1)
-        sums_l, sum_names = [torch.dot(flat, flat)], ["sumsq"]
+        xf = x.detach()  # never an fp32 copy of the whole input: the reductions walk it in pieces
         maxes_l: list[torch.Tensor] = []
         max_names: list[str] = []
         rm = getattr(module, "running_mean", None)
         rv = getattr(module, "running_var", None)
         eps = float(getattr(module, "eps", 1e-5))
         if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and xf.dim() >= 2:
-            mean, var = R.channel_stats(xf)
+            sumsq, mean, var = R.norm_input_stats(xf)  # one pass: the sum of squares and per-channel moments
+            sums_l, sum_names = [sumsq], ["sumsq"]
             rvf, rmf = rv.detach().float(), rm.detach().float()
             gap = (mean - rmf).abs() / torch.sqrt(rvf + eps)  # (C,)
             lvr = torch.log((var + eps) / (rvf + eps)).abs()  # (C,)
@@ -171,6 +177,8 @@ class StepCollector:
             sum_names += ["gap_mean", "lvr_mean"]
             maxes_l += [gap.max(), lvr.max(), -rvf.min()]
             max_names += ["gap_max", "lvr_max", "neg_rv_min"]
+        else:
+            sums_l, sum_names = [R.sum_of_squares(xf)], ["sumsq"]
         for attr in ("weight", "bias"):
             t = getattr(module, attr, None)
             if isinstance(t, torch.Tensor):
@@ -178,14 +186,17 @@ class StepCollector:
                 max_names.append(f"{attr}_rms")
         acc = self._acc(target, layer)
         acc.put("sums", SUM, torch.stack(sums_l), tuple(sum_names))
-        acc.put("maxes", MAX, torch.stack(maxes_l) if maxes_l else flat.new_zeros(0), tuple(max_names))
+        acc.put("maxes", MAX, torch.stack(maxes_l) if maxes_l else xf.new_zeros(0, dtype=torch.float32), tuple(max_names))
         acc.numel += x.numel()
         acc.calls += 1
 
     # --- backward ---------------------------------------------------------------------------------
     def add_grad(self, layer: str, g: torch.Tensor, *, sample: bool, unit_dim: int | None = None) -> None:
         """The gradient of one module output; ``unit_dim``: also per-unit largest |gradient|."""
-        sums, maxes = R.grad_stats(g)
+        if unit_dim is None:
+            sums, maxes = R.grad_stats(g)
+        else:  # the per-unit largest |gradient| from the same pass
+            sums, maxes, units = R.grad_stats(g, unit_dim)
         acc = self.grads.get(layer)
         if acc is None:
             acc = self.grads[layer] = _Acc(order=self._grad_order)
@@ -193,7 +204,6 @@ class StepCollector:
         acc.put("sums", SUM, sums, R.GRAD_SUM_SLOTS)
         acc.put("maxes", MAX, maxes, R.GRAD_MAX_SLOTS)
         if unit_dim is not None:
-            units = R.unit_absmax(g, unit_dim)
             acc.put(f"unit_absmax/{units.numel()}", MAX, units)
         if sample:
             acc.put("sample", LOCAL, R.strided_sample(g))

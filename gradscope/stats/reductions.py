@@ -345,6 +345,18 @@ def grad_stats(g: torch.Tensor, unit_dim: int | None = None) -> tuple[torch.Tens
     return sums, maxes, units.result(True)
 
 
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of every element, fp32 (0-d), accumulated at least in fp32, piece by piece."""
+    x = x.detach()
+    parts = []
+    for piece in pieces(x):
+        flat = _flat(_f32(piece))
+        parts.append(torch.dot(flat, flat))
+    if not parts or x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return parts[0].float() if len(parts) == 1 else torch.stack(parts).double().sum().float()
+
+
 def unit_absmax(x: torch.Tensor, dim: int, nonnegative: bool = False) -> torch.Tensor:
     """Per-unit largest |value| over every other axis: > 0 means the unit was non-zero for some sample.
 
