@@ -8,6 +8,7 @@ History; report() runs the analyzers over the History; reporters render the resu
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 import weakref
@@ -117,6 +118,7 @@ class Scope:
         self._births = BirthHooks(self._handles)
         self._modules.births = self._births
         self._forward_seen = False
+        self._probes_by_name: dict[str, list[torch.Tensor] | None] = {}
         for m in model.modules():
             _WATCHED.add(m)
         try:
@@ -313,7 +315,10 @@ class Scope:
 
     # --- sentinels and the schedule -------------------------------------------------------------------
     def _push_grad_norm(self, opt: torch.optim.Optimizer | None, args: Any = (), kwargs: Any = None) -> None:
-        """The sentinel's global gradient norm of this step (one fused reduction, no host sync)."""
+        """The sentinel's global gradient norm of this step (one fused reduction, no host sync). A collected
+        step measures every parameter's gradient anyway: its record gives the norm (_finish_record)."""
+        if self._collecting:
+            return
         try:
             if opt is not None and callable(closure_of(opt, args, kwargs or {})[0]):
                 return  # step(closure): the gradients are computed inside step(), after this hook
@@ -323,10 +328,43 @@ class Scope:
                 params = [p for g in opt.param_groups for p in g["params"]]
                 index = next((i for i, o in enumerate(self.optimizers) if o is opt), 0)
                 name = "grad_norm" if index == 0 else f"grad_norm:{index}"
-            self._sentinel.push_grad_norm(self._step, params, name)
+            self._sentinel.push_grad_norm(self._step, params, name, probe=self._probe_for(name, params))
         except Exception as exc:
             self._sentinel.enabled = False
             self._guard.fail(MODEL, "sentinels", exc)
+
+    def _probe_for(self, name: str, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The smallest parameter of the earliest layer (in forward order) among ``params``: a non-finite
+        gradient born anywhere in backward flows back to it, so reading it every step dates such a NaN
+        exactly on the steps where the full norm is skipped (stats/sentinel.py). Chosen once layers ran."""
+        if name in self._probes_by_name:
+            return self._probes_by_name[name]
+        if self.history.first is None:
+            return None  # forward order unknown until the first collected step
+        order = self.history.layer_order()
+        owned = {id(p) for p in params}
+        candidates = [
+            (order.get(info.layer, 1 << 30), info.numel, pname)
+            for pname, info in self.history.params.items()
+            if self._param_ids.get(pname) in owned
+        ]
+        probe = None
+        if candidates:
+            pid = self._param_ids[min(candidates)[2]]
+            probe = [p for p in params if id(p) == pid][:1]
+        self._probes_by_name[name] = probe
+        return probe
+
+    def _sentinel_from(self, record: StepRecord) -> None:
+        """The global gradient norm the optimizer received, from a collected step's parameter norms."""
+        sq = [
+            (p.grad_norm_clipped if p.grad_norm_clipped is not None else p.grad_norm) ** 2
+            for p in record.params.values()
+            if p.grad_norm is not None
+        ]
+        if sq and not record.skipped:
+            total = math.sqrt(math.fsum(sq)) if all(map(math.isfinite, sq)) else math.nan
+            self._sentinel.push(record.step, "grad_norm", total)
 
     def _observe(self) -> None:
         """Read the sentinels that have landed; start a burst now if one covers the step in progress."""
@@ -388,6 +426,7 @@ class Scope:
         if pre is not None:
             self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre, self._grad_scale())
         record.inputs = self._births.take()
+        self._sentinel_from(record)
         if not record.activations and any(p.grad_norm is not None for p in record.params.values()):
             self._warn_once(
                 "no-forward",
