@@ -8,6 +8,7 @@ History; report() runs the analyzers over the History; reporters render the resu
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 import weakref
@@ -26,7 +27,7 @@ from .hooks.backward import BirthHooks
 from .hooks.capture import ModuleHooks
 from .hooks.guard import KIND_TO_STAT, MODEL, Guard
 from .hooks.handles import HandleSet
-from .hooks.optimizer import after_first_call, closure_of, patch_scaler_update, with_closure
+from .hooks.optimizer import after_first_call, call_first, closure_of, patch_scaler_update, with_closure
 from .hooks.param_grads import ParamGradHooks, apply_pre_clip
 from .schedule import Observer
 from .stats.adam import adam_step_rms, is_adam
@@ -91,9 +92,16 @@ class Scope:
         self._writer: Any = None
         self._warned: set[str] = set()
         self._ended_since_update = False
+        self._backward_since_end = False  # a backward reached a probe parameter since the last step ended
+        self._in_step = False  # between an optimizer's step pre- and post-hook (closures run forwards there)
+        self._probe_params: list[nn.Parameter] = []
         self.last_report: Report | None = None  # the latest report(), also the final one after close()
 
-        self._named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._all_params = list(model.named_parameters())
+        # Trainable when watched: measured on every collected step, frozen or not at that step (a block
+        # frozen mid-run is recorded as frozen, not as a parameter that lost its gradient).
+        self._trainable = {n for n, p in self._all_params if p.requires_grad}
+        self._named_params = [(n, p) for n, p in self._all_params if p.requires_grad]
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         self._param_ids = {n: i for i, n in self._param_names.items()}
         self.history = History(
@@ -117,6 +125,7 @@ class Scope:
         self._births = BirthHooks(self._handles)
         self._modules.births = self._births
         self._forward_seen = False
+        self._probes_by_name: dict[str, list[torch.Tensor] | None] = {}
         for m in model.modules():
             _WATCHED.add(m)
         try:
@@ -204,8 +213,43 @@ class Scope:
         for opt in self.optimizers:
             self._handles.keep(opt.register_step_pre_hook(self._on_pre_step))
             self._handles.keep(opt.register_step_post_hook(self._on_post_step))
+        if self.optimizers:
+            self._install_skip_detection()
         if self.scaler is not None:
             self._handles.keep(patch_scaler_update(self.scaler, self._on_scaler_update))
+
+    def _install_skip_detection(self) -> None:
+        """A step whose gradients are thrown away without ``optimizer.step()`` (as GradScaler does after an
+        overflow) is a skipped step. Seen without the scaler: a backward reached the first or last trainable
+        parameter, then the gradients were cleared (``zero_grad``, or a training forward found them gone)
+        before any optimizer stepped."""
+        params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        probes = list({id(p): p for p in params[:1] + params[-1:]}.values())
+        for p in probes:
+            if hasattr(p, "register_post_accumulate_grad_hook"):
+                self._handles.keep(p.register_post_accumulate_grad_hook(self._on_probe_grad))
+                self._probe_params.append(p)
+        if not self._probe_params:
+            return
+        for opt in self.optimizers:
+            self._handles.keep(call_first(opt, "zero_grad", self._on_zero_grad))
+        self._handles.keep(self.model.register_forward_pre_hook(self._on_root_forward))
+
+    def _on_probe_grad(self, param: torch.Tensor) -> None:
+        self._backward_since_end = True
+
+    def _on_zero_grad(self) -> None:
+        self._guard.call(MODEL, "scaler", self._end_if_discarded)
+
+    def _on_root_forward(self, module: nn.Module, args: Any) -> None:
+        if not (self._backward_since_end and module.training and torch.is_grad_enabled()):
+            return
+        if all(p.grad is None for p in self._probe_params):  # cleared since that backward
+            self._guard.call(MODEL, "scaler", self._end_if_discarded)
+
+    def _end_if_discarded(self) -> None:
+        if self._backward_since_end and not self._in_step and not self._stepped:
+            self._end_step(skipped=True)
 
     @property
     def _collecting(self) -> bool:
@@ -218,6 +262,7 @@ class Scope:
     def _on_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         if id(opt) in self._stepped:
             self._end_step()  # the same optimizer stepped again: the previous step is over
+        self._in_step = True
         self._push_grad_norm(opt, args, kwargs)
         if not self._collecting:
             return None
@@ -242,7 +287,10 @@ class Scope:
 
     def _read_params(self) -> None:
         if self._collector.params is None:
-            self._collector.params = param_batch(self._named_params)
+            named = [(n, p) for n, p in self._all_params if p.requires_grad or n in self._trainable]
+            batch = param_batch(named)
+            batch.frozen = [not p.requires_grad for _, p in named]
+            self._collector.params = batch
 
     def _start_probe(self, opt: torch.optim.Optimizer) -> None:
         named = [
@@ -254,6 +302,7 @@ class Scope:
         self._probes.append(UpdateProbe(named))
 
     def _on_post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._in_step = False
         if self._collecting and self._probes:
             probe = self._probes.pop()
             self._guard.call(MODEL, "updates", self._finish_probe, opt, probe)
@@ -313,7 +362,10 @@ class Scope:
 
     # --- sentinels and the schedule -------------------------------------------------------------------
     def _push_grad_norm(self, opt: torch.optim.Optimizer | None, args: Any = (), kwargs: Any = None) -> None:
-        """The sentinel's global gradient norm of this step (one fused reduction, no host sync)."""
+        """The sentinel's global gradient norm of this step (one fused reduction, no host sync). A collected
+        step measures every parameter's gradient anyway: its record gives the norm (_finish_record)."""
+        if self._collecting:
+            return
         try:
             if opt is not None and callable(closure_of(opt, args, kwargs or {})[0]):
                 return  # step(closure): the gradients are computed inside step(), after this hook
@@ -323,10 +375,43 @@ class Scope:
                 params = [p for g in opt.param_groups for p in g["params"]]
                 index = next((i for i, o in enumerate(self.optimizers) if o is opt), 0)
                 name = "grad_norm" if index == 0 else f"grad_norm:{index}"
-            self._sentinel.push_grad_norm(self._step, params, name)
+            self._sentinel.push_grad_norm(self._step, params, name, probe=self._probe_for(name, params))
         except Exception as exc:
             self._sentinel.enabled = False
             self._guard.fail(MODEL, "sentinels", exc)
+
+    def _probe_for(self, name: str, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The smallest parameter of the earliest layer (in forward order) among ``params``: a non-finite
+        gradient born anywhere in backward flows back to it, so reading it every step dates such a NaN
+        exactly on the steps where the full norm is skipped (stats/sentinel.py). Chosen once layers ran."""
+        if name in self._probes_by_name:
+            return self._probes_by_name[name]
+        if self.history.first is None:
+            return None  # forward order unknown until the first collected step
+        order = self.history.layer_order()
+        owned = {id(p) for p in params}
+        candidates = [
+            (order.get(info.layer, 1 << 30), info.numel, pname)
+            for pname, info in self.history.params.items()
+            if self._param_ids.get(pname) in owned
+        ]
+        probe = None
+        if candidates:
+            pid = self._param_ids[min(candidates)[2]]
+            probe = [p for p in params if id(p) == pid][:1]
+        self._probes_by_name[name] = probe
+        return probe
+
+    def _sentinel_from(self, record: StepRecord) -> None:
+        """The global gradient norm the optimizer received, from a collected step's parameter norms."""
+        sq = [
+            (p.grad_norm_clipped if p.grad_norm_clipped is not None else p.grad_norm) ** 2
+            for p in record.params.values()
+            if p.grad_norm is not None
+        ]
+        if sq and not record.skipped:
+            total = math.sqrt(math.fsum(sq)) if all(map(math.isfinite, sq)) else math.nan
+            self._sentinel.push(record.step, "grad_norm", total)
 
     def _observe(self) -> None:
         """Read the sentinels that have landed; start a burst now if one covers the step in progress."""
@@ -352,6 +437,7 @@ class Scope:
         elif skipped:
             self.history.add_skipped(self._step)
         self._ended_since_update = True
+        self._backward_since_end = False
         self._handles.end_step()
         self._collector.reset()
         self._births.reset()
@@ -388,6 +474,7 @@ class Scope:
         if pre is not None:
             self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre, self._grad_scale())
         record.inputs = self._births.take()
+        self._sentinel_from(record)
         if not record.activations and any(p.grad_norm is not None for p in record.params.values()):
             self._warn_once(
                 "no-forward",

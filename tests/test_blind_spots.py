@@ -15,6 +15,7 @@ from torch import nn
 
 import gradscope
 from gradscope.schedule import DENSE_START
+from gradscope.stats.clipping import clip_summary
 
 VOCAB, SEQ, D = 16, 12, 32
 
@@ -353,5 +354,7 @@ def test_clipped_rnn_gradients_are_read_before_the_clip():
             assert ps.grad_norm == pytest.approx(pre[s][name], rel=1e-4)
             assert ps.grad_norm_clipped == pytest.approx(post[s][name], rel=1e-4)
         assert rec.clip_ratio == pytest.approx(totals[s], rel=1e-4)  # clipped to norm 1
+    summary = clip_summary(scope.history)  # the clip acted on every collected step
+    assert summary["clipped_share"] == 1.0 and summary["median_ratio"] > 100
     # whatever the exploding_gradient rule concludes, it is never the head's gradients that explode
     assert not [f for f in scope.last_report.findings if f.kind == "exploding_gradient" and f.layer == "head"]

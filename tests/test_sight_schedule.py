@@ -191,3 +191,101 @@ def test_a_parameter_gradient_born_under_a_finite_output_gradient_is_named():
     }
     ev = first_nonfinite(h, rec)
     assert (ev.layer, ev.source, ev.param, ev.born) == ("fc", "param_grad", "fc.weight", True)
+
+
+def test_clip_summary_counts_only_steps_the_clip_acted_on():
+    from gradscope.stats.clipping import clip_summary
+
+    h = History()
+    assert clip_summary(h) == {}
+    for step, ratio in enumerate([1.0, 3.0, 1.0, 5.0, None]):
+        h.add(StepRecord(step=step, clip_ratio=ratio))
+    assert clip_summary(h) == {
+        "clipped_steps": 2,
+        "measured_steps": 4,
+        "clipped_share": 0.5,
+        "median_ratio": 4.0,
+        "max_ratio": 5.0,
+    }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sentinel_never_synchronises():
+    sen = Sentinel()
+    p = torch.zeros(1000, device="cuda", requires_grad=True)
+    p.grad = torch.full_like(p, 2.0)
+    torch.cuda.synchronize()
+    got = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(5):
+            sen.push(step, "loss", torch.tensor(float(step), device="cuda") * 1.0)
+            sen.push_grad_norm(step, [p])
+            got += sen.poll()  # whatever has landed; never waits
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    got += sen.poll()
+    assert sorted((s, n) for s, n, _ in got) == sorted((s, n) for s in range(5) for n in ("loss", "grad_norm"))
+    for s, n, v in got:
+        assert v == pytest.approx(float(s) if n == "loss" else 2.0 * math.sqrt(1000))
+
+
+def test_a_loss_spike_makes_the_next_steps_collected_in_a_real_loop():
+    import gradscope
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    with gradscope.watch(model, optimizer=opt) as scope:
+        for step in range(60):
+            opt.zero_grad()
+            scale = 100.0 if step == 33 else 1.0  # one batch with targets 100x off: the loss jumps
+            loss = (model(x) - scale * y).pow(2).mean()
+            loss.backward()
+            opt.step()
+            scope.step(loss)
+    collected = [r.step for r in scope.history.records]
+    bursts = scope.history.sentinel.bursts
+    assert bursts[0][0] == 34 and ("loss" in bursts[0][1] or "grad_norm" in bursts[0][1])
+    # dense start, every 10th, and the 8 steps after the spike (a burst may be extended, never cut short)
+    assert collected[:18] == [*range(16), 20, 30] and set(range(34, 42)) <= set(collected)
+    in_bursts = {s for first, _ in bursts for s in range(first, first + 2 * BURST)}
+    assert set(collected) <= {*range(16), 20, 30, 40, 50} | in_bursts
+    norms = dict(scope.history.sentinel.grad_norms)
+    assert set(collected) <= set(norms)  # every collected step, and the sentinel's steps between them
+
+
+def test_cpu_gradient_norm_cadence_follows_its_cost_and_the_probe_fills_the_gaps():
+    from gradscope.stats import sentinel as S
+
+    c = S._Cadence()
+    c.step_time = 0.010  # a 10 ms step
+    c.spent(0.0001)  # a 0.1 ms norm: 1 % of the step, twice the share allowed
+    assert c.every == math.ceil(0.0001 / (S.CPU_SHARE * 0.010)) == 2
+    c.spent(0.5)
+    assert c.every == S.CPU_MAX_EVERY  # never more than this many steps without a full reading
+
+    sen = Sentinel()
+    a, b = torch.zeros(4, requires_grad=True), torch.zeros(2, requires_grad=True)
+    a.grad, b.grad = torch.ones(4), torch.ones(2)
+    cad = sen._cadence["grad_norm"] = S._Cadence(every=4)
+    cad.due = lambda step: step % 4 == 0  # type: ignore[method-assign]  (no wall-clock in a test)
+    for step in range(6):
+        if step == 5:
+            b.grad[0] = math.nan
+        sen.push_grad_norm(step, [a, b], probe=[b])
+    got = sen.poll()
+    assert [(s, n) for s, n, _ in got] == [
+        (0, "grad_norm"), (1, "grad_norm:probe"), (2, "grad_norm:probe"), (3, "grad_norm:probe"),
+        (4, "grad_norm"), (5, "grad_norm:probe"),
+    ]
+    assert math.isnan(got[-1][2])
+
+
+def test_sentinel_log_says_since_when_a_gap_hides_the_start():
+    log = SentinelLog()
+    for s, v in [(0, 1.0), (4, 1.0), (8, math.nan)]:
+        log.add(s, "grad_norm", v)
+    assert log.first_nonfinite["grad_norm"] == 8 and log.not_before["grad_norm"] == 5

@@ -227,6 +227,19 @@ def _uncollected(history: History, step: int, by: str, located: NonfiniteEvent |
     """First seen on a step whose modules were not collected: dated by the loss or the gradient norm."""
     what = "The loss" if by == "loss" else "The global gradient norm"
     evidence: dict[str, float | int | str] = {"source": by, "tensor": by, "step": step, "collected": 0}
+    when = f"at step {step}, a step whose modules were not collected"
+    if by == "gradient norm":
+        # on the CPU the full norm may be read every few steps (stats/sentinel.py): say since when it could be
+        since = min(
+            (v for k, v in history.sentinel.not_before.items() if history.sentinel.first_nonfinite.get(k) == step),
+            default=step,
+        )
+        if since < step:
+            evidence["not_before"] = since
+            when = (
+                f"at a step from {since} to {step} (on the CPU it is read every few steps), "
+                "steps whose modules were not collected"
+            )
     last = _last_finite_loss(history, step)
     if last is not None:
         evidence["last_finite_loss"] = last
@@ -234,20 +247,20 @@ def _uncollected(history: History, step: int, by: str, located: NonfiniteEvent |
     if again is not None and (located is None or again < located.step):
         # its next collected occurrence was a non-finite loss over finite module outputs
         message = (
-            f"{what} became NaN/Inf at step {step}, a step whose modules were not collected; at its next "
+            f"{what} became NaN/Inf {when}; at its next "
             f"collected occurrence, step {again}, every module output was finite: the loss computation made it."
         )
         layer, hint = "", _HINTS["loss"]
         evidence.update(first_seen_layer="", first_seen_step=again, first_seen_tensor="loss", born_here=1)
     elif located is None:
         message = (
-            f"{what} became NaN/Inf at step {step}, a step whose modules were not collected; no collected "
+            f"{what} became NaN/Inf {when}; no collected "
             "step has seen it since."
         )
         layer, hint = "", _HINTS["loss" if by == "loss" else "gradient"]
     else:
         message = (
-            f"{what} became NaN/Inf at step {step}, a step whose modules were not collected; at its next "
+            f"{what} became NaN/Inf {when}; at its next "
             f"collected occurrence, step {located.step}, it was {_what(located)}."
         )
         # The module is named only where it was seen being born; a weight already NaN says nothing of where.
