@@ -17,11 +17,15 @@ from ._common import fail, handle_errors
 @click.command("report")
 @click.argument("log_dir", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
+@click.option("--plot", "plot", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Also draw the gradient flow (per-layer gradient norm and update ratio over steps) into "
+                   "FILE, a .png or .svg. Needs matplotlib: pip install 'gradscope[plot]'.")
 @handle_errors
-def report(log_dir: str, as_json: bool) -> None:
+def report(log_dir: str, as_json: bool, plot: str | None) -> None:
     """Show the report of a run that gradscope.watch(log_dir=LOG_DIR) wrote.
 
-    Exit status: 0 no critical finding, 1 at least one critical finding, 2 no readable report there.
+    Exit status: 0 no critical finding, 1 at least one critical finding, 2 no readable report there
+    (or a picture that could not be drawn).
     """
     path = os.path.join(log_dir, JSON_NAME) if os.path.isdir(log_dir) else log_dir
     if not os.path.exists(log_dir):
@@ -35,6 +39,11 @@ def report(log_dir: str, as_json: bool) -> None:
         fail(f"{path}: not a readable gradscope report ({exc})")
         return
     summary = read_summary(path)
+    if plot is not None:
+        from gradscope.reporters.plot import write_plot
+
+        write_plot(result, os.path.dirname(os.path.abspath(path)), plot)  # UsageError: one line, exit 2
+        click.echo(f"gradscope: gradient-flow picture written to {plot}", err=True)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:

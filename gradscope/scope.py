@@ -27,7 +27,7 @@ from .hooks.backward import BirthHooks
 from .hooks.capture import ModuleHooks
 from .hooks.guard import KIND_TO_STAT, MODEL, Guard
 from .hooks.handles import HandleSet
-from .hooks.optimizer import after_first_call, closure_of, patch_scaler_update, with_closure
+from .hooks.optimizer import after_first_call, call_first, closure_of, patch_scaler_update, with_closure
 from .hooks.param_grads import ParamGradHooks, apply_pre_clip
 from .schedule import Observer
 from .stats.adam import adam_step_rms, is_adam
@@ -92,9 +92,16 @@ class Scope:
         self._writer: Any = None
         self._warned: set[str] = set()
         self._ended_since_update = False
+        self._backward_since_end = False  # a backward reached a probe parameter since the last step ended
+        self._in_step = False  # between an optimizer's step pre- and post-hook (closures run forwards there)
+        self._probe_params: list[nn.Parameter] = []
         self.last_report: Report | None = None  # the latest report(), also the final one after close()
 
-        self._named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._all_params = list(model.named_parameters())
+        # Trainable when watched: measured on every collected step, frozen or not at that step (a block
+        # frozen mid-run is recorded as frozen, not as a parameter that lost its gradient).
+        self._trainable = {n for n, p in self._all_params if p.requires_grad}
+        self._named_params = [(n, p) for n, p in self._all_params if p.requires_grad]
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         self._param_ids = {n: i for i, n in self._param_names.items()}
         self.history = History(
@@ -206,8 +213,43 @@ class Scope:
         for opt in self.optimizers:
             self._handles.keep(opt.register_step_pre_hook(self._on_pre_step))
             self._handles.keep(opt.register_step_post_hook(self._on_post_step))
+        if self.optimizers:
+            self._install_skip_detection()
         if self.scaler is not None:
             self._handles.keep(patch_scaler_update(self.scaler, self._on_scaler_update))
+
+    def _install_skip_detection(self) -> None:
+        """A step whose gradients are thrown away without ``optimizer.step()`` (as GradScaler does after an
+        overflow) is a skipped step. Seen without the scaler: a backward reached the first or last trainable
+        parameter, then the gradients were cleared (``zero_grad``, or a training forward found them gone)
+        before any optimizer stepped."""
+        params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        probes = list({id(p): p for p in params[:1] + params[-1:]}.values())
+        for p in probes:
+            if hasattr(p, "register_post_accumulate_grad_hook"):
+                self._handles.keep(p.register_post_accumulate_grad_hook(self._on_probe_grad))
+                self._probe_params.append(p)
+        if not self._probe_params:
+            return
+        for opt in self.optimizers:
+            self._handles.keep(call_first(opt, "zero_grad", self._on_zero_grad))
+        self._handles.keep(self.model.register_forward_pre_hook(self._on_root_forward))
+
+    def _on_probe_grad(self, param: torch.Tensor) -> None:
+        self._backward_since_end = True
+
+    def _on_zero_grad(self) -> None:
+        self._guard.call(MODEL, "scaler", self._end_if_discarded)
+
+    def _on_root_forward(self, module: nn.Module, args: Any) -> None:
+        if not (self._backward_since_end and module.training and torch.is_grad_enabled()):
+            return
+        if all(p.grad is None for p in self._probe_params):  # cleared since that backward
+            self._guard.call(MODEL, "scaler", self._end_if_discarded)
+
+    def _end_if_discarded(self) -> None:
+        if self._backward_since_end and not self._in_step and not self._stepped:
+            self._end_step(skipped=True)
 
     @property
     def _collecting(self) -> bool:
@@ -220,6 +262,7 @@ class Scope:
     def _on_pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         if id(opt) in self._stepped:
             self._end_step()  # the same optimizer stepped again: the previous step is over
+        self._in_step = True
         self._push_grad_norm(opt, args, kwargs)
         if not self._collecting:
             return None
@@ -244,7 +287,10 @@ class Scope:
 
     def _read_params(self) -> None:
         if self._collector.params is None:
-            self._collector.params = param_batch(self._named_params)
+            named = [(n, p) for n, p in self._all_params if p.requires_grad or n in self._trainable]
+            batch = param_batch(named)
+            batch.frozen = [not p.requires_grad for _, p in named]
+            self._collector.params = batch
 
     def _start_probe(self, opt: torch.optim.Optimizer) -> None:
         named = [
@@ -256,6 +302,7 @@ class Scope:
         self._probes.append(UpdateProbe(named))
 
     def _on_post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._in_step = False
         if self._collecting and self._probes:
             probe = self._probes.pop()
             self._guard.call(MODEL, "updates", self._finish_probe, opt, probe)
@@ -390,6 +437,7 @@ class Scope:
         elif skipped:
             self.history.add_skipped(self._step)
         self._ended_since_update = True
+        self._backward_since_end = False
         self._handles.end_step()
         self._collector.reset()
         self._births.reset()

@@ -125,7 +125,7 @@ def test_an_error_in_a_normalization_pre_hook(monkeypatch):
     def broken(x):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(reductions, "norm_input_stats", broken)  # the one pass over a norm input
+    monkeypatch.setattr(reductions, "norm_input_stats", broken)
     with pytest.warns(GradscopeWarning, match=r"layer '1' \(BatchNorm1d\)"):
         seen = _train({})
     _assert_identical(plain, seen)
@@ -209,3 +209,61 @@ def test_histograms_of_activations_reach_the_record():
     assert rec.activations["0"].sample is not None
     np.testing.assert_array_equal(rec.activations["0"].sample, want.numpy())
     assert rec.activations["1"].sample is not None and rec.gradients["0"].sample is not None
+
+
+def _fp16_run(scaler_given: bool, steps: int = 40):
+    """A healthy autocast-fp16 run whose GradScaler starts far too high: its first steps overflow and are
+    skipped (the scale halves each time) until the scale fits. Ground truth: the steps whose scale fell."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    amp = torch.amp.GradScaler("cpu", init_scale=2.0**30)
+    extra = {"scaler": amp} if scaler_given else {}
+    g = torch.Generator().manual_seed(0)
+    truth = []
+    with gradscope.watch(model, optimizer=opt, **extra) as scope:  # default schedule
+        for i in range(steps):
+            x = torch.randn(32, 16, generator=g)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = (model(x).float() - 1).pow(2).mean()
+            opt.zero_grad()
+            before = amp.get_scale()
+            amp.scale(loss).backward()
+            amp.step(opt)
+            amp.update()
+            if amp.get_scale() < before:
+                truth.append(i)
+            scope.step(loss)
+        report = scope.report()
+    return scope, report, truth
+
+
+@pytest.mark.parametrize("scaler_given", [False, True], ids=["no-scaler-argument", "scaler-argument"])
+def test_steps_a_grad_scaler_skips_are_recognised_without_being_told(scaler_given):
+    scope, report, truth = _fp16_run(scaler_given)
+    assert len(truth) > 10  # more than ten start-up overflows in a row
+    assert truth == list(range(len(truth)))
+    assert scope.history.skipped_steps == truth
+    assert scope.history.steps_seen == 40
+    nonfinite = [f for f in report.findings if f.kind == "nonfinite"]
+    assert nonfinite and all(f.severity == "info" for f in nonfinite)
+    assert report.ok
+
+
+def test_a_discarded_step_is_skipped_whatever_the_loop_order():
+    """zero_grad() before the forward, and gradients thrown away by hand: the step is still counted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, optimizer=opt, every=1) as scope:
+        for i in range(5):
+            opt.zero_grad()
+            loss = model(torch.randn(4, 4)).pow(2).mean()
+            loss.backward()
+            if i != 2:  # the user's own "skip this batch"
+                opt.step()
+    assert scope.history.steps_seen == 5
+    assert scope.history.skipped_steps == [2]
+    rec = {r.step: r for r in scope.history.records}
+    assert rec[2].skipped and rec[2].params["0.weight"].update_norm is None
+    assert rec[3].activations["0"].calls == 1  # the next step's forward is its own

@@ -39,22 +39,28 @@ def after_first_call(closure: Callable[..., Any], then: Callable[[], None]) -> C
     return run
 
 
-class _RestoreUpdate:
-    def __init__(self, scaler: Any, wrapper: Any) -> None:
-        self.scaler, self.wrapper = scaler, wrapper
+class _Restore:
+    def __init__(self, obj: Any, name: str, wrapper: Any) -> None:
+        self.obj, self.name, self.wrapper = obj, name, wrapper
 
     def remove(self) -> None:
-        if self.scaler.__dict__.get("update") is self.wrapper:
-            del self.scaler.update  # the class's method shows through again
+        if self.obj.__dict__.get(self.name) is self.wrapper:
+            delattr(self.obj, self.name)  # the class's method shows through again
 
 
-def patch_scaler_update(scaler: Any, callback: Callable[[], None]) -> _RestoreUpdate:
-    """Wrap ``update`` on this one GradScaler instance; the returned handle's remove() restores it."""
-    original = scaler.update
+def call_first(obj: Any, name: str, callback: Callable[[], None]) -> _Restore:
+    """Wrap method ``name`` of this one instance so that ``callback()`` runs before it; the returned
+    handle's remove() restores the method. ``callback`` must not raise (run it inside the guard)."""
+    original = getattr(obj, name)
 
-    def update(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         callback()
         return original(*args, **kwargs)
 
-    scaler.update = update
-    return _RestoreUpdate(scaler, update)
+    setattr(obj, name, wrapper)
+    return _Restore(obj, name, wrapper)
+
+
+def patch_scaler_update(scaler: Any, callback: Callable[[], None]) -> _Restore:
+    """Wrap ``update`` on this one GradScaler instance; the returned handle's remove() restores it."""
+    return call_first(scaler, "update", callback)

@@ -52,6 +52,8 @@ class ParamGradHooks:
             return
         try:
             for name, p in self.named:
+                if not p.requires_grad:  # frozen for now (requires_grad_(False) mid-run): no gradient comes
+                    continue
                 handles.keep_for_step(
                     p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, name))
                 )

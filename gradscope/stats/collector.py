@@ -84,9 +84,9 @@ class ParamBatch:
     update_names: list[str] = field(default_factory=list)
     update_sq: list[torch.Tensor] = field(default_factory=list)  # one (Q_i,) vector per optimizer step
     adam_names: list[str] = field(default_factory=list)
-    adam_rms: list[torch.Tensor] = field(
-        default_factory=list
-    )  # RMS of lr / (sqrt(v_hat) + eps), per Adam step
+    # RMS of lr / (sqrt(v_hat) + eps), one vector per Adam step
+    adam_rms: list[torch.Tensor] = field(default_factory=list)
+    frozen: list[bool] = field(default_factory=list)  # aligned with names: requires_grad off this step
 
 
 class StepCollector:
@@ -134,77 +134,97 @@ class StepCollector:
     ) -> None:
         """One output tensor of a module. ``unit_dim``: per-unit alive masks (relu-like modules);
         ``unit_max_dim``: per-unit largest raw value (weighted layers)."""
-        # One pass gives the moments and the per-unit view (relu-like modules are never weighted: one or
-        # the other): |x| max per unit for alive masks, the raw max per unit for weighted layers.
         dim = unit_dim if unit_dim is not None else unit_max_dim
+        acc = self._acc(self.acts, layer)
         if dim is None:
             sums, maxes = R.activation_stats(x, band=band, count_neg=count_neg)
         else:
+            # Per-unit largest value, from the same pass: with unit_dim (relu-like) > 0 means alive (for
+            # outputs that can be negative, the largest |value|); with unit_max_dim the raw maximum.
+            absolute = unit_dim is not None and count_neg
             sums, maxes, units = R.activation_stats(
-                x, band=band, count_neg=count_neg, unit_dim=dim, unit_abs=unit_dim is not None
+                x, band=band, count_neg=count_neg, unit_dim=dim, unit_abs=absolute
             )
-        acc = self._acc(self.acts, layer)
+            # one vector per width: a shared module applied at several widths keeps every one
+            if unit_dim is not None:
+                acc.put(f"alive/{units.numel()}", MAX, units)
+            if unit_max_dim is not None:
+                top = units if unit_max_dim == unit_dim and not absolute else None
+                if top is None:
+                    top = R.unit_absmax(x, unit_max_dim, nonnegative=True)  # nonnegative: no abs, raw max
+                acc.put(f"unit_max/{top.numel()}", MAX, top)
         acc.put("sums", SUM, sums, R.act_sum_slots(count_neg=count_neg, band=band is not None))
         acc.put("maxes", MAX, maxes, R.ACT_MAX_SLOTS)
-        if unit_dim is not None:  # one mask per width: a shared module applied at several widths keeps all
-            acc.put(f"alive/{units.numel()}", MAX, units)
-            if unit_max_dim is not None:  # not reached today; kept correct if a module is ever both
-                top = R.unit_absmax(x, unit_max_dim, nonnegative=True) if unit_max_dim != unit_dim else units
-                acc.put(f"unit_max/{top.numel()}", MAX, top)
-        elif unit_max_dim is not None:
-            acc.put(f"unit_max/{units.numel()}", MAX, units)
         if sample:
             acc.put("sample", LOCAL, R.strided_sample(x))
         acc.numel += x.numel()
         acc.calls += 1
 
     def add_norm_input(self, layer: str, module: torch.nn.Module, x: torch.Tensor, *, training: bool) -> None:
-        """A normalization layer's input against its running statistics, before this batch updates them."""
+        """A normalization layer's input against its running statistics, before this batch updates them.
+
+        Training forwards: per call, the gap between this batch's per-channel statistics and the running
+        ones (what BatchNorm normalizes with is the batch). Evaluation forwards: per-channel moments pooled
+        over every evaluation call since the last collected step, compared at the end: evaluating one
+        sample at a time has no per-call variance, but the pooled inputs do.
+        """
         target = self.norms if training else self.eval_norms
-        xf = x.detach()  # never an fp32 copy of the whole input: the reductions walk it in pieces
-        maxes_l: list[torch.Tensor] = []
-        max_names: list[str] = []
+        xd = x.detach()
         rm = getattr(module, "running_mean", None)
         rv = getattr(module, "running_var", None)
         eps = float(getattr(module, "eps", 1e-5))
-        if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and xf.dim() >= 2:
-            sumsq, mean, var = R.norm_input_stats(xf)  # one pass: the sum of squares and per-channel moments
-            sums_l, sum_names = [sumsq], ["sumsq"]
-            rvf, rmf = rv.detach().float(), rm.detach().float()
-            gap = (mean - rmf).abs() / torch.sqrt(rvf + eps)  # (C,)
-            lvr = torch.log((var + eps) / (rvf + eps)).abs()  # (C,)
-            sums_l += [gap.mean(), lvr.mean()]
-            sum_names += ["gap_mean", "lvr_mean"]
-            maxes_l += [gap.max(), lvr.max(), -rvf.min()]
-            max_names += ["gap_max", "lvr_max", "neg_rv_min"]
+        running = isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and xd.dim() >= 2
+        if xd.dim() >= 2:
+            sumsq, mean, var = R.norm_input_stats(xd)  # one pass, no fp32 copy of the input
         else:
-            sums_l, sum_names = [R.sum_of_squares(xf)], ["sumsq"]
+            sumsq, mean, var = R.sum_of_squares(xd), None, None
+        acc = self._acc(target, layer)
+        sums_l, sum_names = [sumsq.reshape(())], ["sumsq"]
+        maxes_l: list[torch.Tensor] = []
+        max_names: list[str] = []
+        if running:
+            rvf, rmf = rv.detach().float(), rm.detach().float()  # type: ignore[union-attr]
+            if training:
+                gap = (mean - rmf).abs() / torch.sqrt(rvf + eps)  # (C,)
+                lvr = torch.log((var + eps) / (rvf + eps)).abs()  # (C,)
+                sums_l += [gap.mean(), lvr.mean()]
+                sum_names += ["gap_mean", "lvr_mean"]
+                maxes_l += [gap.max(), lvr.max()]
+                max_names += ["gap_max", "lvr_max"]
+            else:
+                n = float(xd.numel() // xd.shape[1])
+                d = mean - rmf  # (C,) measured from the running mean: little cancellation when close
+                acc.put("pool_n", SUM, torch.full((1,), n, device=d.device))
+                acc.put("pool_d", SUM, d * n)
+                acc.put("pool_q", SUM, (var + d * d) * n)
+                acc.put("pool_rv", LOCAL, rvf)
+                acc.put("pool_eps", LOCAL, torch.full((1,), eps, device=d.device))
+            maxes_l.append(-rvf.min())
+            max_names.append("neg_rv_min")
         for attr in ("weight", "bias"):
             t = getattr(module, attr, None)
             if isinstance(t, torch.Tensor):
                 maxes_l.append(t.detach().float().square().mean().sqrt())
                 max_names.append(f"{attr}_rms")
-        acc = self._acc(target, layer)
         acc.put("sums", SUM, torch.stack(sums_l), tuple(sum_names))
-        acc.put("maxes", MAX, torch.stack(maxes_l) if maxes_l else xf.new_zeros(0, dtype=torch.float32), tuple(max_names))
+        acc.put("maxes", MAX, torch.stack(maxes_l) if maxes_l else sumsq.new_zeros(0), tuple(max_names))
         acc.numel += x.numel()
         acc.calls += 1
 
     # --- backward ---------------------------------------------------------------------------------
     def add_grad(self, layer: str, g: torch.Tensor, *, sample: bool, unit_dim: int | None = None) -> None:
         """The gradient of one module output; ``unit_dim``: also per-unit largest |gradient|."""
-        if unit_dim is None:
-            sums, maxes = R.grad_stats(g)
-        else:  # the per-unit largest |gradient| from the same pass
-            sums, maxes, units = R.grad_stats(g, unit_dim)
         acc = self.grads.get(layer)
         if acc is None:
             acc = self.grads[layer] = _Acc(order=self._grad_order)
             self._grad_order += 1
+        if unit_dim is None:
+            sums, maxes = R.grad_stats(g)
+        else:
+            sums, maxes, units = R.grad_stats(g, unit_dim)  # per-unit largest |gradient|, same pass
+            acc.put(f"unit_absmax/{units.numel()}", MAX, units)
         acc.put("sums", SUM, sums, R.GRAD_SUM_SLOTS)
         acc.put("maxes", MAX, maxes, R.GRAD_MAX_SLOTS)
-        if unit_dim is not None:
-            acc.put(f"unit_absmax/{units.numel()}", MAX, units)
         if sample:
             acc.put("sample", LOCAL, R.strided_sample(g))
         acc.numel += g.numel()
@@ -595,11 +615,33 @@ def _norm(values: Values, kind: str, name: str, acc: _Acc | None, training: bool
         stats.mean_gap_mean = s["gap_mean"] / calls
         stats.log_var_ratio_mean = s["lvr_mean"] / calls
         stats.mean_gap_max, stats.log_var_ratio_max = m["gap_max"], m["lvr_max"]
+    if "neg_rv_min" in m:
         stats.running_var_min = -m["neg_rv_min"]
+    pooled = values.get(Key(kind, name, "pool_n"))
+    if pooled is not None:
+        _pooled_gaps(values, kind, name, float(pooled[0]), stats)
     stats.weight_rms = m.get("weight_rms")
     stats.bias_rms = m.get("bias_rms")
     _copy_fields(values, kind, name, stats)
     return stats
+
+
+def _pooled_gaps(values: Values, kind: str, name: str, n: float, stats: NormStats) -> None:
+    """Evaluation inputs pooled over calls against the running statistics, per channel, worst and mean."""
+    d = values.get(Key(kind, name, "pool_d"))
+    q = values.get(Key(kind, name, "pool_q"))
+    rv = values.get(Key(kind, name, "pool_rv"))
+    eps_v = values.get(Key(kind, name, "pool_eps"))
+    if d is None or q is None or rv is None or eps_v is None or n <= 0:
+        return
+    eps = float(eps_v[0])
+    d64, q64, rv64 = d.astype(np.float64) / n, q.astype(np.float64) / n, rv.astype(np.float64)
+    gap = np.abs(d64) / np.sqrt(rv64 + eps)
+    stats.mean_gap_max, stats.mean_gap_mean = float(gap.max()), float(gap.mean())
+    if n >= 2:  # one value per channel has no variance to compare
+        var = np.maximum(q64 - d64 * d64, 0.0)
+        lvr = np.abs(np.log((var + eps) / (rv64 + eps)))
+        stats.log_var_ratio_max, stats.log_var_ratio_mean = float(lvr.max()), float(lvr.mean())
 
 
 def _copy_fields(values: Values, kind: str, name: str, target: Any) -> None:
@@ -639,6 +681,7 @@ def _params(record: StepRecord, p: ParamBatch, values: Values, param_lr: dict[st
             grad_nonfinite=g is not None and not math.isfinite(g),
             weight_nonfinite=not math.isfinite(w),
             lr=param_lr.get(name),
+            frozen=bool(p.frozen[i]) if i < len(p.frozen) else False,
         )
         if usq is not None and upd is not None and upd[i] > 0:
             stats.update_norm = _sqrt(usq[i])

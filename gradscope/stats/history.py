@@ -73,6 +73,7 @@ class History:
     # it was born, even when first_nonfinite is the loss of an earlier, uncollected step.
     first_located: NonfiniteEvent | None = field(default=None, init=False)
     ever_grad: set[str] = field(default_factory=set, init=False)  # params that ever received a gradient
+    ever_frozen: set[str] = field(default_factory=set, init=False)  # params frozen (requires_grad off) on some step
     losses: deque[tuple[int, float]] = field(init=False)  # (step, loss) of every step that gave one
     # The run's first losses, never dropped from the ring: where training began is the baseline that
     # divergence and the report's "loss first -> last" are measured from.
@@ -101,6 +102,8 @@ class History:
         for name, p in record.params.items():
             if p.grad_norm is not None:
                 self.ever_grad.add(name)
+            if p.frozen:
+                self.ever_frozen.add(name)
         if record.loss is not None:
             self.add_loss(record.step, record.loss)
         for g, lr in enumerate(record.lrs):

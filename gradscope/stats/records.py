@@ -102,6 +102,8 @@ class ParamStats:
     lr: float | None = None  # learning rate of its param group at this step
     # Adam-family: RMS of the effective per-element step lr / (sqrt(v_hat) + eps), if available.
     adam_step_rms: float | None = None
+    # requires_grad was False at this step (a block frozen mid-run): no gradient is expected, none is missing.
+    frozen: bool = False
     # grad_norm is the gradient as backward produced it (before the user's clipping, unscaled) when the
     # pre-clip hooks ran (hooks/param_grads.py); this is the norm the optimizer then received.
     grad_norm_clipped: float | None = None
