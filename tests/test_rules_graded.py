@@ -220,6 +220,16 @@ def test_the_lr_root_takes_the_vanishing_layers_behind_it():
     assert root.severity == "critical"  # at least as severe as what it folded
 
 
+def test_updates_that_blew_up_after_the_loss_diverged_fold_into_the_divergence():
+    h = history({"fc": "linear"})
+    for t in range(60):  # the loss climbs from step 10 (bad data); the updates blow up only from step 40
+        loss_ = 1.0 if t < 10 else 1.0 + (t - 9)
+        h.add(step(t, {"fc": 1.0}, update={"fc": 1e-3 if t < 40 else 0.5}, loss_=loss_))
+    found = analyze(h, TH)
+    assert [f.kind for f in found] == ["loss_divergence"]
+    assert found[0].evidence["folded"] == "update_ratio@fc"
+
+
 def test_a_fully_dead_layer_takes_the_cut_gradients_before_it():
     h = history({"l0": "linear", "act": "relu", "l1": "linear"})
     for t in range(20):

@@ -17,6 +17,7 @@ from ..findings import Finding, Kind, Severity
 #:   update_ratio     -> vanishing gradients from a too-large step on (weights blown up, gradients
 #:   loss_divergence     tiny relative to them), for the lr-too-high run that looks "vanishing everywhere"
 #:   vanishing        -> too-small updates of the same layer (the step follows the gradient)
+#:   loss_divergence  -> too-large updates that began only after the loss had diverged
 _AFTER_NAN = frozenset({Kind.VANISHING_GRADIENT.value, Kind.DEAD_RELU.value, Kind.UPDATE_RATIO.value,
                         Kind.SATURATED_ACTIVATION.value, Kind.NORMALIZATION_DRIFT.value})
 
@@ -64,9 +65,14 @@ def fold(findings: list[Finding], order: dict[str, int]) -> list[Finding]:
                   and (rank[id(f)] < rank[id(d)] or f.evidence.get("grad_norm") == 0.0)
                   and f.step is not None and d.step is not None and f.step >= d.step])
 
-    # The learning rate's ruin: the first too-large step (else the loss's divergence) is the root.
-    big = sorted((f for f in findings if _too_large(f)), key=lambda f: (f.step or 0, rank[id(f)]))
+    # Updates that blew up only after the loss had diverged (bad data, a NaN-free numerical fault) follow
+    # from it: the loss is their root.
     div = next((f for f in findings if f.kind == Kind.LOSS_DIVERGENCE.value and _loud(f)), None)
+    if div is not None and div.step is not None:
+        claim(div, [f for f in findings if _too_large(f) and f.step is not None and f.step > div.step
+                    and id(f) not in folded])
+    # The learning rate's ruin: the first too-large step (else the loss's divergence) is the root.
+    big = sorted((f for f in findings if _too_large(f) and id(f) not in folded), key=lambda f: (f.step or 0, rank[id(f)]))
     lr_root = big[0] if big else div
     if lr_root is not None and lr_root.step is not None:
         claim(lr_root, [f for f in findings if f.kind == Kind.VANISHING_GRADIENT.value and f.step is not None
