@@ -128,7 +128,9 @@ class Scope:
         self._adaptive = self.schedule.adaptive and self._combiner is None  # ranks must agree on steps
         self._param_grads = ParamGradHooks(self._named_params)
         self._param_grads.enabled = self._combiner is None  # DDP averages after these hooks fire
-        self._births = BirthHooks(self._handles)
+        self._births = BirthHooks(
+            self._handles, skip=frozenset(n for n, m in model.named_modules() if isinstance(m, selection.ELEMENTWISE))
+        )
         self._modules.births = self._births
         self._forward_seen = False
         self._probes_by_name: dict[str, list[torch.Tensor] | None] = {}
