@@ -60,9 +60,15 @@ class Scope:
         histograms: bool = False,
         history: int = DEFAULT_HISTORY,
         scaler: Any = None,
+        accumulation: int = 1,
     ) -> None:
         model = distributed.unwrap(model)  # DDP: watch the wrapped module, under its own names
         self._validate(model, optimizer, log_dir, every, thresholds, history)
+        if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+            raise UsageError(f"accumulation must be an int >= 1 (the micro-batches per optimizer step), got {accumulation!r}")
+        # Gradient accumulation divides each micro-batch's loss by this before backward (nanoGPT does);
+        # the loss given to step() is multiplied back, so the report shows the loss the program prints.
+        self.accumulation = accumulation
         if scaler is not None and not all(hasattr(scaler, a) for a in ("update", "get_scale", "step")):
             raise UsageError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.model = model
@@ -348,6 +354,8 @@ class Scope:
             # clone(): a reduction's 0-d result can share a large storage (mse_loss's on the CPU holds
             # 256 KiB); kept until the next collected step, a bare detach() would keep all of that alive.
             value = loss.detach().clone() if isinstance(loss, torch.Tensor) else float(loss)
+            if self.accumulation != 1:
+                value = value * self.accumulation
             if isinstance(value, torch.Tensor) and value.numel() != 1:
                 raise UsageError(f"step(loss=...) needs a scalar loss, got a tensor of shape {tuple(value.shape)}")
             # With an optimizer the step already ended at optimizer.step(): the loss belongs to it.
@@ -666,6 +674,7 @@ def watch(
     """Attach gradscope to ``model``; see ../shared/CONTRACT.md.
 
     Extra options: ``histograms`` (sampled histograms to TensorBoard), ``history`` (collected steps kept),
+    ``accumulation`` (the losses given to ``step()`` were divided by this many micro-batches: multiply back),
     ``scaler`` (a torch.amp.GradScaler: gradients are reported unscaled, skipped steps counted).
     """
     return Scope(model, optimizer, log_dir, every, console, thresholds, **options)

@@ -18,6 +18,7 @@ KIND_STATS: dict[str, tuple[str, ...]] = {
     "update_ratio": ("update_ratio",),  # ||dw|| / ||w|| per step
     "loss_divergence": ("loss",),  # about the model as a whole
     "weight_outlier": ("weight_norm",),  # checkpoint analysis: weight scale
+    "init_scale": ("act_rms",),  # outputs growing layer over layer from the first step
 }
 
 # Per-layer statistics the TensorBoard reporter writes, in the order the dashboards list them.

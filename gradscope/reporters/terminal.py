@@ -141,6 +141,13 @@ def _summary_panel(report: Report, summary: dict[str, Any] | None) -> Panel:
     if skipped:
         # GradScaler skips optimizer steps whose gradients overflowed; many of them mean fp16 trouble.
         lines.append(Text(f"{skipped:.0f} optimizer steps skipped (inf/NaN gradients)", style="yellow"))
+    clip = s.get("clipping") or {}
+    share = as_float(clip.get("clipped_share"))
+    if share:
+        # Clipping that acts on most steps sets the step size itself: the gradients are larger than meant.
+        lines.append(Text(f"gradient clipping acted on {share:.0%} of collected steps (norm cut by ×"
+                          f"{fmt(as_float(clip.get('median_ratio')))} median, ×{fmt(as_float(clip.get('max_ratio')))} max)",
+                          style="yellow" if share > 0.5 else "dim"))
     loss = _loss_line(s)
     if loss is not None:
         lines.append(loss)
@@ -229,6 +236,7 @@ def findings_table(report: Report, width: int) -> Table:
         if full:
             what.append(full + "\n", style="cyan")
         what.append(f.message)
+        what.append(_evidence_notes(f), style="dim")
         if f.hint and f.hint not in hinted:  # the same fix for ten rows is said once, at the first
             what.append("\n→ " + f.hint, style="dim")
             hinted.add(f.hint)
@@ -239,6 +247,18 @@ def findings_table(report: Report, width: int) -> Table:
         table.caption = (f"… and {len(rest)} more rows ({sum(len(g.findings) for g in rest)} findings; "
                          "all of them in gradscope.json / --json)")
     return table
+
+
+def _evidence_notes(f: Finding) -> str:
+    """What the analyzers folded into a root finding, and which gate lowered a finding to info."""
+    notes = ""
+    folded = f.evidence.get("folded_count")
+    if isinstance(folded, (int, float)) and folded > 0:
+        notes += f"\nexplains {int(folded)} later finding{'s' * (folded != 1)} folded into it"
+    gate = f.evidence.get("gate")
+    if gate and f.severity == "info":
+        notes += f"\nlowered to info: {gate}"
+    return notes
 
 
 def layer_span(layers: Sequence[str], width: int) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .clipping import clip_summary
 from .history import History
 
 #: Collected steps the summary looks back over.
@@ -118,6 +119,7 @@ def run_summary(history: History, curve_points: int = 40) -> dict[str, Any]:
         "lrs": list(last.lrs) if last is not None else [],
         "lr_curves": lr_curves,
         "skipped_steps": history.skipped_total,
+        "clipping": clip_summary(history),
     }
 
 
