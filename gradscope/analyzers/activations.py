@@ -2,6 +2,10 @@
 
 Dead units are judged on the per-unit "was non-zero this step" masks OR-ed over the recent collected
 steps: a unit counts as dead only if it was exactly zero for every sample of every one of those steps.
+Masks come from ReLU modules (one series per width when a module is reused at several widths) and, for a
+rectifier applied functionally (``F.relu``), from the producing Linear/conv layer: a unit whose output was
+never positive and whose output gradient was exactly zero. Activations whose zeros are alive by design
+(shrinkage, Threshold, leaky and smooth rectifiers) are never judged.
 Ordinary ReLU sparsity (about half the outputs zero per sample) and dropout (random per sample) never
 survive that OR, provided enough samples were seen, which is why a minimum sample count gates the rule.
 

@@ -6,10 +6,13 @@ normalization gains and embeddings are left out on purpose: their gradients are 
 sparse, and counting them is the classic source of false alarms. Dividing by the weight norm makes layers
 of different widths comparable.
 
-Each rule is gated on a symptom where one can be observed (the loss not improving, the layer's weights not
-moving), so that the normal shrinking of gradients as a model converges, or a zero-initialized layer
-waking up, is not reported. Steps that the optimizer skipped (GradScaler overflow) are ignored here:
-the numerics analyzer owns them.
+Evidence is graded, never silenced: what no healthy run shows (a gradient 1e3 x its weights, a relative
+gradient of 1e-7) stands alone; symptoms (the loss not improving, the layer's weights not moving) set the
+severity, and a gate that explains the numbers away (the loss improves, the model converged, the layer
+moves as fast as later ones, a zero-initialized layer waking up) lowers a finding to ``info`` with
+``evidence["gate"]`` saying which. NaN/Inf is never small: the vanishing rules read only finite steps
+before the run's first non-finite value. Steps that the optimizer skipped (GradScaler overflow) are ignored
+here: the numerics analyzer owns them. The loss is read through ``loss.py``, as by every rule.
 """
 
 from __future__ import annotations

@@ -44,7 +44,12 @@ def analyze(history: History, thresholds: Thresholds) -> list[Finding]:
     found = _first_loss(history, weighted[-1], thresholds)
     if found is None:
         found = _growth(history, weighted, thresholds)
-    return [found] if found is not None else []
+    if found is None:
+        return []
+    loudest = max(weighted, key=lambda n: first.activations[n].rms)
+    found.evidence["largest_activation_rms"] = first.activations[loudest].rms
+    found.evidence["largest_activation_layer"] = loudest
+    return [found]
 
 
 def output_width(history: History, layer: str) -> int | None:

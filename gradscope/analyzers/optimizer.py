@@ -12,7 +12,9 @@ choice, not a bug:
 
 - too large: ratio >= ``update_ratio_critical`` sustained is critical (the weights are rewritten every
   step; a warning if the loss improves anyway); >= ``update_ratio_high`` sustained is critical when the
-  loss diverges from then on, a warning when it does not improve, and nothing when it improves.
+  loss diverges from then on, a warning when it does not improve, and nothing when it improves; a single
+  step >= ``update_ratio_critical`` stands alone as a warning (no healthy run takes one), except for a layer
+  born at zero.
 - too small: the ratio *rescaled to the peak learning rate seen* (ratio * lr_peak / lr) below
   ``update_ratio_low``, sustained, while the loss has not improved over the run: a warning.
 
@@ -20,6 +22,8 @@ choice, not a bug:
 (critical, linked to the ``nonfinite`` layer), a trailing-median rise of ``loss_rise`` x its minimum
 (critical), or a single loss far above its recent range (warning). A rise or spike must also give back a
 share (``loss_giveback``) of what training had gained, so noise near a converged minimum is not divergence.
+The loss is read through ``loss.py``: its baseline is where the run began (the run's first loss), so a
+blow-up at step 1 never becomes its own baseline; a level ``loss_rise_over_start`` x that start is a rise.
 """
 
 from __future__ import annotations
