@@ -24,7 +24,7 @@ from .errors import AlreadyWatchedError, GradscopeWarning, UsageError
 from .findings import Report
 from .hooks import selection
 from .hooks.backward import BirthHooks
-from .hooks.capture import ModuleHooks
+from .hooks.capture import ModuleHooks, eager
 from .hooks.guard import KIND_TO_STAT, MODEL, Guard
 from .hooks.handles import HandleSet
 from .hooks.optimizer import after_first_call, call_first, closure_of, patch_scaler_update, with_closure
@@ -236,13 +236,13 @@ class Scope:
         probes = list({id(p): p for p in params[:1] + params[-1:]}.values())
         for p in probes:
             if hasattr(p, "register_post_accumulate_grad_hook"):
-                self._handles.keep(p.register_post_accumulate_grad_hook(self._on_probe_grad))
+                self._handles.keep(p.register_post_accumulate_grad_hook(eager(self._on_probe_grad)))
                 self._probe_params.append(p)
         if not self._probe_params:
             return
         for opt in self.optimizers:
             self._handles.keep(call_first(opt, "zero_grad", self._on_zero_grad))
-        self._handles.keep(self.model.register_forward_pre_hook(self._on_root_forward))
+        self._handles.keep(self.model.register_forward_pre_hook(eager(self._on_root_forward)))
 
     def _on_probe_grad(self, param: torch.Tensor) -> None:
         self._backward_since_end = True
