@@ -266,10 +266,10 @@ def worker(
 
 def default_collected(steps: int) -> int:
     """How many of a run's first ``steps`` steps the default schedule collects."""
-    from gradscope.config import Schedule
+    from gradscope.config import schedule_for
 
-    schedule = Schedule()
-    return sum(schedule(i) for i in range(steps))
+    schedule = schedule_for(None)  # watch()'s default: dense start, then every 10th, then every 50th
+    return sum(schedule(i) for i in range(steps))  # a healthy run: no bursts
 
 
 def inprocess(model_name: str, blocks: int, steps: int, threads: int | None) -> dict:
@@ -361,6 +361,7 @@ def main() -> None:
     parser.add_argument(
         "--inprocess", action="store_true", help="measure a collected step's cost inside one process"
     )
+    parser.add_argument("--modes", default=",".join(MODES), help="process-level modes to run (plain always)")
     parser.add_argument("--quick", action="store_true", help="mlp and nanogpt, 3 rounds, short runs (minutes)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -405,17 +406,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device}, {setup}, {args.rounds} rounds x {args.steps} steps "
           f"(default schedule: {args.default_steps} steps), modes interleaved, one process each, "
           f"load average before: {load()}")  # fmt: skip
+    modes = tuple(m for m in MODES if m == "plain" or m in args.modes.split(","))
     rows = []
     for model_name in args.models.split(","):
-        per_mode: dict[str, list[dict]] = {m: [] for m in MODES}
+        per_mode: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(args.rounds):
-            k = r % len(MODES)
-            order = MODES[k:] + MODES[:k]  # rotate who goes first
+            k = r % len(modes)
+            order = modes[k:] + modes[:k]  # rotate who goes first
             for mode in order:
                 per_mode[mode].append(measure(model_name, mode, args, args.seed + r))
         plain = per_mode["plain"]
         row = {"model": model_name}
-        for mode in MODES:
+        for mode in modes:
             runs = per_mode[mode]
             row[f"{mode}_mean_ms"] = statistics.median(statistics.fmean(x["times"]) * 1e3 for x in runs)
             ratios = [statistics.fmean(x["times"]) / statistics.fmean(p["times"]) for x, p in zip(runs, plain, strict=True)]
@@ -435,15 +437,15 @@ def main() -> None:
     for row in rows:
         p = row["plain_peak"]
         cells = [f"{row['plain_mean_ms']:.1f}"]
-        cells += [f"{row[f'{m}_mean_ms']:.1f} ms, **{row[f'{m}_ratio']:.3f}x**" for m in MODES[1:]]
-        cells += [f"{p:.0f} MiB"] + [f"{row[f'{m}_peak'] / p:.3f}x" for m in MODES[2:]]
+        cells += [f"{row[f'{m}_mean_ms']:.1f} ms, **{row[f'{m}_ratio']:.3f}x**" if m in modes else "-" for m in MODES[1:]]
+        cells += [f"{p:.0f} MiB"] + [f"{row[f'{m}_peak'] / p:.3f}x" if m in modes else "-" for m in MODES[2:]]
         print(f"| {row['model']} | " + " | ".join(cells) + " |")
     print()
     for row in rows:
-        spread = "; ".join(f"{m}: " + " ".join(f"{x:.3f}" for x in row[f"{m}_ratios"]) for m in MODES[1:])
+        spread = "; ".join(f"{m}: " + " ".join(f"{x:.3f}" for x in row[f"{m}_ratios"]) for m in modes[1:])
         print(f"{row['model']} per-round ratios: {spread}")
         if args.device.startswith("cuda"):
-            print(f"{row['model']} no host-device sync on non-collected steps: {row['default_syncs_ok']}")
+            print(f"{row['model']} no host-device sync on non-collected steps: {row.get('default_syncs_ok')}")
     print("ratios: mean step time of a process / that of the same round's plain process; median over rounds")
     print(f"load average after: {load()}")
     if any(math.isnan(r["every1_ratio"]) for r in rows):

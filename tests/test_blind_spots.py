@@ -358,3 +358,33 @@ def test_clipped_rnn_gradients_are_read_before_the_clip():
     assert summary["clipped_share"] == 1.0 and summary["median_ratio"] > 100
     # whatever the exploding_gradient rule concludes, it is never the head's gradients that explode
     assert not [f for f in scope.last_report.findings if f.kind == "exploding_gradient" and f.layer == "head"]
+
+
+class MHABlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(D)
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.fc = nn.Linear(D, 1)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        # need_weights=True (the default) takes the explicit softmax path: a fully masked row is NaN there
+        return self.fc(x + self.attn(h, h, h, key_padding_mask=pad)[0])
+
+
+def test_nan_born_in_torch_multihead_attention_is_named_there():
+    torch.manual_seed(0)
+    model = MHABlock()
+    x, pad = torch.randn(4, SEQ, D), torch.zeros(4, SEQ, dtype=torch.bool)
+    pad[1] = True  # one sequence of padding only: its softmax rows are all -inf
+    # ground truth, plain torch: the attention's input is finite, its output is not
+    h = model.ln(x)
+    assert torch.isfinite(h).all() and not torch.isfinite(model.attn(h, h, h, key_padding_mask=pad)[0]).all()
+    with gradscope.watch(model) as scope:
+        for step in range(3):
+            model.zero_grad()
+            model(x, pad if step == 2 else torch.zeros_like(pad)).pow(2).mean().backward()
+            scope.step()
+    (f,) = [f for f in scope.last_report.findings if f.kind == "nonfinite"]
+    assert (f.layer, f.step, f.evidence["tensor"]) == ("attn", 2, "output")

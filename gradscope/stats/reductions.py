@@ -237,8 +237,8 @@ class _Units:
         return []
 
     def result(self, absolute: bool) -> torch.Tensor:
-        units = torch.maximum(self.max, -self.min) if absolute else self.max  # type: ignore[arg-type, operator]
-        return units.float()  # type: ignore[union-attr]
+        units = torch.maximum(self.max, self.min.neg_()) if absolute else self.max  # type: ignore[arg-type, union-attr]
+        return units if units.dtype == torch.float32 else units.float()  # type: ignore[union-attr]
 
 
 def _extreme(values: list[float], pick: Callable[[Iterable[float]], float]) -> float:
@@ -270,8 +270,15 @@ def _cpu_activation(
         exact = torch.stack([c for piece in parts for c in _exact_counts(_flat(_f32(piece)), count_neg)])
         counts = exact.view(len(parts), -1).sum(0).tolist()
     sat = [sum(cols[4])] if band else []
-    sums = torch.tensor([math.fsum(cols[0]), math.fsum(cols[1]), *counts, *sat], dtype=torch.float32)
-    return sums, torch.tensor([hi, -lo], dtype=torch.float32)
+    return _two(
+        [math.fsum(cols[0]), math.fsum(cols[1]), *counts, *sat], [hi, -lo]
+    )  # one tensor made from host floats, two views of it
+
+
+def _two(first: list[float], second: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two fp32 vectors from host floats with one tensor creation (each costs several dispatches)."""
+    both = torch.tensor(first + second, dtype=torch.float32)
+    return both[: len(first)], both[len(first) :]
 
 
 def _device_reduce(row: list[torch.Tensor], n: int, unit_extremes: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,8 +343,7 @@ def grad_stats(g: torch.Tensor, unit_dim: int | None = None) -> tuple[torch.Tens
         else:  # rare: a second pass counts them
             counts = [torch.isfinite(_flat(_f32(p))).logical_not_().sum() for p in parts]
             nonfinite = float(torch.stack(counts).sum())
-        sums = torch.tensor([math.fsum(cols[0]), nonfinite], dtype=torch.float32)
-        maxes = torch.tensor([hi, -lo], dtype=torch.float32)
+        sums, maxes = _two([math.fsum(cols[0]), nonfinite], [hi, -lo])
     else:
         sums, maxes = _device_reduce(row, len(parts), units.max is not None)
     if unit_dim is None:
