@@ -468,6 +468,9 @@ class Scope:
         self._guard.call(MODEL, "parameters", self._read_params)
         self._refresh_optimizer_membership()
         lrs, param_lr = self._learning_rates()
+        # started before the engine's transfer, which lands them too (one sync per collected step on a GPU)
+        pre = self._guard.call(MODEL, "pre-clip gradients", self._param_grads.take, self._grad_scale())
+        self._births.begin()
         record, losses = self._collector.flush(
             self._step,
             losses=self._losses,
@@ -480,9 +483,8 @@ class Scope:
         )
         self._losses = []
         record.skipped = skipped
-        pre = self._param_grads.take()
         if pre is not None:
-            self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre, self._grad_scale())
+            self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre)
         record.inputs = self._births.take()
         self._sentinel_from(record)
         if not record.activations and any(p.grad_norm is not None for p in record.params.values()):
