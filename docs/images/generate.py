@@ -5,6 +5,7 @@
 
 - demo.svg: the output of `gradscope demo`, as rich renders it in a 100-column terminal.
 - report.svg: the full terminal report of the vanishing-gradient demo scenario (`gradscope report`).
+- gradient-flow.png: `gradscope report gradscope-demo/vanishing_sigmoid --plot gradient-flow.png`.
 - tensorboard.png, tensorboard-findings.png: TensorBoard's Custom Scalars dashboard and the findings
   table (Text tab) of the exploding_lr demo run, in headless Chromium.
 """
@@ -27,6 +28,8 @@ import torch
 from rich.console import Console
 
 from gradscope.findings import Report
+from gradscope.reporters.json import JSON_NAME, read_summary
+from gradscope.reporters.plot import write_plot
 from gradscope.reporters.terminal import render_report
 from gradscope_cli.demo_cmd import show_demo
 
@@ -40,10 +43,12 @@ def terminal_pictures(log_dir: Path) -> None:
     show_demo(console, str(log_dir))
     console.save_svg(str(HERE / "demo.svg"), title="gradscope demo")
 
-    data = json.loads((log_dir / "vanishing_sigmoid" / "gradscope.json").read_text())
+    run = log_dir / "vanishing_sigmoid"
+    report = Report.from_dict(json.loads((run / JSON_NAME).read_text()))
     console = Console(record=True, width=WIDTH, file=open(os.devnull, "w"), force_terminal=True)  # noqa: SIM115
-    render_report(Report.from_dict(data), console, summary=data.get("summary"))
+    render_report(report, console, summary=read_summary(run / JSON_NAME))  # as `gradscope report` does
     console.save_svg(str(HERE / "report.svg"), title="gradscope report gradscope-demo/vanishing_sigmoid")
+    write_plot(report, run, HERE / "gradient-flow.png")
 
 
 def _free_port() -> int:
