@@ -469,6 +469,9 @@ class Scope:
         self._guard.call(MODEL, "parameters", self._read_params)
         self._refresh_optimizer_membership()
         lrs, param_lr = self._learning_rates()
+        # started before the engine's transfer, which lands them too (one sync per collected step on a GPU)
+        pre = self._guard.call(MODEL, "pre-clip gradients", self._param_grads.take, self._grad_scale())
+        self._births.begin()
         record, losses = self._collector.flush(
             self._step,
             losses=self._losses,
@@ -484,9 +487,8 @@ class Scope:
         for name, order in self._collector.agreed_order.items():  # distributed: every rank orders alike
             if name in self.history.layers:
                 self.history.layers[name].order = order
-        pre = self._param_grads.take()
         if pre is not None:
-            self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre, self._grad_scale())
+            self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre)
         record.inputs = self._births.take()
         self._sentinel_from(record)
         saw_forward, self._modules.forwards_seen = self._modules.forwards_seen, False
