@@ -193,8 +193,9 @@ class Scope:
                 infos[full] = ParamInfo(
                     name=full,
                     layer=mname,
-                    shape=tuple(p.shape),
-                    numel=p.numel(),
+                    # a lazy module's parameter has no shape until its first forward
+                    shape=() if _uninitialized(p) else tuple(p.shape),
+                    numel=0 if _uninitialized(p) else p.numel(),
                     dtype=str(p.dtype).replace("torch.", ""),
                     requires_grad=p.requires_grad,
                     in_optimizer=(id(p) in in_opt) if self.optimizers else None,
@@ -480,12 +481,16 @@ class Scope:
         )
         self._losses = []
         record.skipped = skipped
+        for name, order in self._collector.agreed_order.items():  # distributed: every rank orders alike
+            if name in self.history.layers:
+                self.history.layers[name].order = order
         pre = self._param_grads.take()
         if pre is not None:
             self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre, self._grad_scale())
         record.inputs = self._births.take()
         self._sentinel_from(record)
-        if not record.activations and any(p.grad_norm is not None for p in record.params.values()):
+        saw_forward, self._modules.forwards_seen = self._modules.forwards_seen, False
+        if not saw_forward and any(p.grad_norm is not None for p in record.params.values()):
             self._warn_once(
                 "no-forward",
                 f"gradscope saw gradients but no forward pass in step {self._step}: if this model was compiled "
@@ -660,6 +665,10 @@ class Scope:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"Scope({type(self.model).__name__}, step={self._step}, {self.schedule.describe()}, {state})"
+
+
+def _uninitialized(p: torch.Tensor) -> bool:
+    return isinstance(p, nn.parameter.UninitializedTensorMixin)
 
 
 def watch(

@@ -228,3 +228,78 @@ def test_batchnorm_evaluated_one_sample_at_a_time_with_grad_enabled_is_not_train
     assert all(r.norms["1"].training for r in scope.history.records if "1" in r.norms)
     assert any(r.eval_norms for r in scope.history.records)
     assert not [f for f in report.findings if f.kind == "normalization_drift" and f.severity != "info"]
+
+
+class NanoLayerNorm(nn.Module):
+    """nanoGPT's LayerNorm: a user-written norm with an optional bias."""
+
+    def __init__(self, ndim: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_user_written_norms_are_norms_and_shrinkage_is_not_relu():
+    from gradscope.hooks import selection
+
+    model = nn.Sequential(
+        nn.Linear(8, 8),
+        NanoLayerNorm(8, bias=False),
+        nn.Hardshrink(),
+        LlamaRMSNorm(8),
+        nn.Softshrink(),
+        nn.Linear(8, 1),
+    )
+    assert [selection.role_of(m) for m in model] == ["linear", "norm", "other", "norm", "other", "linear"]
+    with gradscope.watch(model, every=1) as scope:
+        model(torch.randn(16, 8)).sum().backward()
+        scope.step()
+    rec = scope.history.last
+    assert {"1", "3"} <= rec.norms.keys()
+    assert rec.norms["1"].weight_rms == pytest.approx(1.0)
+    assert rec.activations["2"].alive is None  # no dead-unit claim on a function that passes negatives
+
+
+def test_per_unit_maxima_of_weighted_layers_and_masks_per_width():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(6, 8)
+            self.fc2 = nn.Linear(8, 4)
+            self.act = nn.ReLU()  # one module applied at two widths
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.fc2(self.act(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model = Shared()
+    x = torch.randn(10, 6)
+    with gradscope.watch(model, every=1) as scope:
+        model(x).pow(2).sum().backward()
+        scope.step()
+    rec = scope.history.last
+    # ground truth in plain torch
+    h1 = model.fc1(x)
+    h1.retain_grad()
+    h2 = model.fc2(torch.relu(h1))
+    h2.retain_grad()
+    torch.relu(h2).pow(2).sum().backward()
+    assert rec.activations["fc1"].unit_max.tolist() == pytest.approx(h1.detach().amax(0).tolist())
+    assert rec.gradients["fc1"].unit_absmax.tolist() == pytest.approx(h1.grad.abs().amax(0).tolist())
+    assert rec.gradients["fc2"].unit_absmax.tolist() == pytest.approx(h2.grad.abs().amax(0).tolist())
+    widths = rec.activations["act"].alive_by_width
+    assert rec.activations["act"].alive is None and set(widths) == {8, 4}
+    assert widths[8].tolist() == (torch.relu(h1) > 0).any(0).tolist()
+    assert widths[4].tolist() == (torch.relu(h2) > 0).any(0).tolist()

@@ -76,6 +76,7 @@ class ModuleHooks:
         self.histograms = histograms
         self.guard = guard
         self.collecting = True  # step 0 is always collected
+        self.forwards_seen = False  # a hooked training forward ran in this collected step (outputs or not)
         self.births: Any = None  # hooks/backward.py: finiteness of each module's inputs (set by the scope)
         self._next_order = 0
         self._last_units: tuple[torch.Size, int] | None = None
@@ -117,6 +118,7 @@ class ModuleHooks:
             return  # non-collected steps and evaluation forwards cost one attribute read
         if _in_backward():
             return
+        self.forwards_seen = True
         if self.guard.disabled(w.name, ACT) and self.guard.disabled(w.name, GRAD):
             return
         outs: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []
@@ -163,6 +165,7 @@ class ModuleHooks:
                 unit_dim=dim if w.want_units else None,
                 unit_max_dim=dim if w.weighted else None,
                 sample=self.histograms,
+                order=w.order,
             )
 
     def _grad_hooks(self, w: Watched, outs: list) -> None:

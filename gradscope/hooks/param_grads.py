@@ -54,6 +54,8 @@ class ParamGradHooks:
             for name, p in self.named:
                 if not p.requires_grad:  # frozen for now (requires_grad_(False) mid-run): no gradient comes
                     continue
+                if isinstance(p, torch.nn.parameter.UninitializedTensorMixin):  # a lazy module before its forward
+                    continue
                 handles.keep_for_step(
                     p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, name))
                 )

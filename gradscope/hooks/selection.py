@@ -13,10 +13,14 @@ from ..distributed import is_sharded, local
 RELU_LIKE: tuple[type[nn.Module], ...] = (
     nn.ReLU,  # the classic: zero for negative input
     nn.ReLU6,  # clipped ReLU; zero below 0 as well
-    nn.Threshold,  # generalised ReLU (replaces values below a threshold)
-    nn.Hardshrink,  # zero in a band around 0
-    nn.Softshrink,  # zero in a band around 0
 )
+# Not relu-like although they output exact zeros: Hardshrink/Softshrink zero only a band around 0 and pass
+# negative values through (a unit with negative outputs is alive), Threshold replaces with any value.
+ZERO_BAND: tuple[type[nn.Module], ...] = (nn.Hardshrink, nn.Softshrink, nn.Threshold)
+
+# Class-name endings of user-written normalization layers (nanoGPT's LayerNorm, Hugging Face's LlamaRMSNorm,
+# T5LayerNorm, ...): recognised as norms by structure, see is_custom_norm().
+NORM_NAME_ENDINGS: tuple[str, ...] = ("Norm", "LayerNorm", "RMSNorm", "Normalization")
 
 # Saturating functions and the output bands that count as their "flat tails": where the derivative is
 # below ~5 % of its maximum (sigmoid: s(1-s) < 0.0125; tanh: 1 - t^2 < 0.05).
@@ -59,6 +63,7 @@ CHANNEL_NORMS: tuple[type[nn.Module], ...] = (
 # (dim 1 after a conv, last dim after a linear) of the tensor they were given.
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
     *RELU_LIKE,
+    *ZERO_BAND,
     *SATURATION_BANDS,
     nn.LeakyReLU,
     nn.PReLU,
@@ -105,7 +110,7 @@ def role_of(module: nn.Module) -> str:
         return "relu"
     if type(module) in SATURATION_BANDS or isinstance(module, tuple(SATURATION_BANDS)):
         return "saturating"
-    if isinstance(module, NORM_LAYERS):
+    if isinstance(module, NORM_LAYERS) or is_custom_norm(module):
         return "norm"
     if isinstance(module, NO_DEAD_UNITS):
         return "dropout"
@@ -118,6 +123,18 @@ def role_of(module: nn.Module) -> str:
     if len(module._modules) > 0:
         return "container"
     return "other"
+
+
+def is_custom_norm(module: nn.Module) -> bool:
+    """A user-written normalization layer: a leaf module whose class name ends like a norm's and whose
+    parameters are a 1-D gain ``weight`` (and maybe a 1-D ``bias``), as LayerNorm/RMSNorm re-implementations are."""
+    if module._modules or not type(module).__name__.endswith(NORM_NAME_ENDINGS):
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return False
+    return set(params) <= {"weight", "bias"} and all(p.dim() == 1 for p in params.values())
 
 
 def band_for(module: nn.Module) -> tuple[float, float] | None:

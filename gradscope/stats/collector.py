@@ -59,11 +59,13 @@ class _Acc:
         if prev is None:
             self.values[name], self.combine[name], self.names[name] = t, combine, slots
             return
+        if combine == LOCAL and self.combine[name] == LOCAL:
+            return  # the first call's (a histogram sample), whatever the later calls' sizes
         if combine != self.combine[name] or slots != self.names[name] or prev.shape != t.shape:
             raise ValueError(f"statistic {name!r} changed its layout within a step")
         if combine == SUM:
             self.values[name] = prev + t  # out of place: prev may be an inference tensor
-        elif combine == MAX:
+        else:
             self.values[name] = torch.maximum(prev, t)
 
     def pack(self, pack: Pack, kind: str, layer: str) -> None:
@@ -100,6 +102,9 @@ class StepCollector:
         self.param_fields: dict[str, _Acc] = {}  # per parameter name: fields added with add_param_field
         self.params: ParamBatch | None = None
         self._grad_order = 0
+        # Distributed runs: each layer's forward order as the ranks agreed on it at the last flush (the
+        # earliest any rank saw it run), so that every rank orders its report's layers alike.
+        self.agreed_order: dict[str, int] = {}
 
     def reset(self) -> None:
         self.acts.clear()
@@ -131,11 +136,13 @@ class StepCollector:
         unit_dim: int | None,
         sample: bool,
         unit_max_dim: int | None = None,
+        order: int = 0,
     ) -> None:
         """One output tensor of a module. ``unit_dim``: per-unit alive masks (relu-like modules);
         ``unit_max_dim``: per-unit largest raw value (weighted layers)."""
         dim = unit_dim if unit_dim is not None else unit_max_dim
         acc = self._acc(self.acts, layer)
+        acc.order = order
         if dim is None:
             sums, maxes = R.activation_stats(x, band=band, count_neg=count_neg)
         else:
@@ -172,7 +179,8 @@ class StepCollector:
         xd = x.detach()
         rm = getattr(module, "running_mean", None)
         rv = getattr(module, "running_var", None)
-        eps = float(getattr(module, "eps", 1e-5))
+        eps_attr = getattr(module, "eps", None)  # RMSNorm's default eps is None (the dtype's epsilon)
+        eps = float(eps_attr) if isinstance(eps_attr, (int, float)) else 1e-5
         running = isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and xd.dim() >= 2
         if xd.dim() >= 2:
             sumsq, mean, var = R.norm_input_stats(xd)  # one pass, no fp32 copy of the input
@@ -336,6 +344,12 @@ class StepCollector:
                 _params(record, p, values, param_lr or {})
             except Exception as exc:
                 fail("param", "", exc)
+        self.agreed_order = {}
+        if distributed:
+            for name in values.layers("act"):
+                v = values.get(Key("act", name, "order"))
+                if v is not None and math.isfinite(float(v[0])):
+                    self.agreed_order[name] = -int(v[0])
         for name in values.layers("pstat"):
             if name in record.params:
                 _copy_fields(values, "pstat", name, record.params[name])
@@ -419,7 +433,7 @@ def _pack_counts(pack: Pack, kind: str, name: str, acc: _Acc) -> None:
     pack.put(
         Key(kind, name, "count"), SUM, torch.tensor([hi, lo, acc.calls], dtype=torch.float32, device=device)
     )
-    if kind == "grad":  # the earliest any rank saw it
+    if kind in ("act", "grad"):  # forward / backward order: the earliest any rank saw it
         pack.put(
             Key(kind, name, "order"), MAX, torch.tensor([-acc.order], dtype=torch.float32, device=device)
         )
