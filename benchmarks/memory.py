@@ -11,8 +11,11 @@ optimizer's state and the allocator are then in place), reset the resident high-
 baseline (VmHWM - baseline); on a GPU, ``torch.cuda.max_memory_allocated`` above the allocated baseline.
 Rounds interleave the modes; the median over rounds is reported, and the ratio to plain per round.
 
-    python benchmarks/memory.py            # fp32 and bf16, plain / every=1 / default, 3 rounds
-    python benchmarks/memory.py --quick    # one round, 3 steps: about a minute
+    python benchmarks/memory.py            # fp32 and bf16, plain / every=1 / default, 2 rounds x 4 steps
+    python benchmarks/memory.py --quick    # one round of 2 steps: a minute or two
+
+The default schedule collects every step of a run's first 16, so over a few steps "default" and "every1"
+do the same work; the peak of a collected step is what both rows measure.
     python benchmarks/memory.py --device cuda
 """
 
@@ -109,11 +112,11 @@ def measure(dtype_name: str, mode: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12, help="measured steps (the default schedule collects 0 and 10)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per process")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
-    parser.add_argument("--quick", action="store_true", help="one round of 3 steps")
+    parser.add_argument("--quick", action="store_true", help="one round of 2 steps")
     parser.add_argument("--worker", nargs=2, metavar=("DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -122,7 +125,7 @@ def main() -> None:
         print(json.dumps(worker(*args.worker, args.steps, args.device)), flush=True)
         return
     if args.quick:
-        args.rounds, args.steps = 1, 3
+        args.rounds, args.steps = 1, 2
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     unit = "CUDA allocated" if args.device.startswith("cuda") else "resident (VmHWM)"

@@ -30,23 +30,36 @@ class Thresholds:
     """Thresholds of every analyzer. Override any of them: ``gradscope.Thresholds(dead_warning=0.3)``."""
 
     # --- gradients -------------------------------------------------------------------------------
-    #: A layer's gradient norm / weight norm below this, sustained, is vanishing (absolute rule).
+    #: A layer's gradient norm / weight norm below this, sustained, is vanishing (absolute rule): five orders
+    #: below a healthy start (1e-3..1e-1 measured on the zoo and real architectures); even Adam's eps (1e-8)
+    #: starts to dominate such gradients. Stands alone (critical) unless the loss fell 100-fold.
     vanishing_ratio: float = 1e-7
-    #: Earliest layers' gradient norm below this fraction of the last layers' is vanishing (depth rule).
+    #: Earliest layers' relative gradient below this fraction of the largest later layer's is vanishing (depth
+    #: rule). Healthy nets show 1e-2..1e-1 between first and last layer; the zoo's deep sigmoid MLP 5e-11; BERT's
+    #: queries and keys on its initial plateau 5e-5 (then moving normally under Adam: lowered to info).
     vanishing_depth_ratio: float = 1e-4
-    #: A layer's gradient norm / weight norm above this is exploding.
+    #: A layer's gradient norm / weight norm above this is exploding, whatever the loss does (stands alone):
+    #: healthy layers sit at 1e-3..1 (a zero-init layer excepted, see ``exploding_waking_*``); an explosion
+    #: Adam hides reaches 1e3..1e5, an RNN exploding through 40 time steps 1e4.
     exploding_ratio: float = 1e3
-    #: Gradient norm growing by more than this factor over the window (sustained) is exploding.
+    #: Gradient norm above this factor x the median of the layer's earlier steps is exploding: an lr raised
+    #: 100x grows it 1e4-1e8x within a few steps; healthy gradients change by under 10x over a run.
     exploding_growth: float = 1e3
-    #: Share of collected steps over which a symptom must hold to be "sustained".
+    #: Share of collected steps over which a symptom must hold to be "sustained": a clear majority, so that
+    #: one noisy step in three does not break a real episode and a one-off spike never makes one.
     sustained_fraction: float = 0.6
-    #: Depth rule: below this fraction of the later layers' relative gradient it is critical, not a warning.
+    #: Depth rule: below this fraction of the later layers' relative gradient it is critical, not a warning
+    #: (two orders past the warning line; the zoo's deep sigmoid MLP under SGD measures 5e-11 at fc0).
     vanishing_depth_critical: float = 1e-6
-    #: A layer "is not moving" when its relative update is below this fraction of the fastest later layer's.
+    #: A layer "is not moving" when its relative update is below this fraction of the fastest later layer's:
+    #: under SGD the step follows the gradient (a 1e-5 depth gap gives a 1e-5 update gap); under Adam every
+    #: layer moves within ~10x of the others whatever its gradient.
     vanishing_update_gap: float = 1e-2
-    #: A layer's relative gradient this many times the later layers' median (sustained) is exploding.
+    #: A layer's relative gradient this many times the later layers' median (sustained) is exploding: the
+    #: mirror of ``vanishing_depth_ratio`` (healthy depth gaps are within 1e2 either way).
     exploding_depth_ratio: float = 1e4
-    #: The loss "is improving" when its late mean is below its early mean by at least this fraction.
+    #: The loss "is improving" when its last third's mean is below its first third's by at least this
+    #: fraction: above the few % that small-batch noise moves a third's mean (measured over 40 healthy runs).
     loss_plateau: float = 0.05
     #: A relative gradient below this, sustained, while the loss does not improve, is vanishing: with any
     #: learning rate up to 1, SGD's step is then two orders below the healthy ~1e-3 band (as
@@ -73,34 +86,44 @@ class Thresholds:
     loss_level_rise: float = 1.2
 
     # --- activations -----------------------------------------------------------------------------
-    #: Share of a layer's units dead over the window: warning at/above, critical at/above.
+    #: Share of a layer's units dead over the window: warning at/above, critical at/above. Healthy ReLU
+    #: nets keep dead units to a few % (the OR over the window revives ordinary sparsity); half dead halves
+    #: the layer's capacity, 90 % all but cuts the path back (the roots fold treats it as a cut).
     dead_warning: float = 0.5
     dead_critical: float = 0.9
-    #: Share of outputs in the flat tails of a saturating function: warning at/above.
+    #: Share of outputs in the flat tails (derivative under ~5 % of its maximum) of a saturating function:
+    #: warning at/above, critical at/above; same shares as dead units, for the same reason.
     saturation_warning: float = 0.5
     saturation_critical: float = 0.9
-    #: Recent collected steps over which dead units (never non-zero) and saturation are judged.
+    #: Recent collected steps over which dead units (never non-zero) and saturation are judged: the 200
+    #: dense steps of the default schedule's start, long enough for dropout and sparsity to light every unit.
     activation_window: int = 20
-    #: Samples per unit that must be seen over that window before a unit can be called dead.
+    #: Samples per unit that must be seen over that window before a unit can be called dead: with half a
+    #: healthy layer's outputs zero per sample, 32 samples leave a 2^-32 chance for an alive unit to look dead.
     dead_min_samples: int = 32
 
     # --- normalization ---------------------------------------------------------------------------
-    #: |batch mean - running mean| / running std above this is drift.
+    #: |batch mean - running mean| / running std above this is drift: three standard deviations; a batch of 8
+    #: is ~0.35 off by sampling alone (twice this for the worst channel, see normalization._drifted).
     norm_mean_gap: float = 3.0
     #: |log(batch var / running var)| above this is drift (log(10) ~ 2.3).
     norm_log_var_ratio: float = 2.3
-    #: Running variance below this is "near zero".
+    #: Running variance below this is "near zero": the size of BatchNorm's default eps (1e-5) and below, where
+    #: the layer divides by eps instead of the data's spread.
     norm_min_running_var: float = 1e-6
-    #: Affine gain RMS below this is collapsed, above the other is exploding.
+    #: Affine gain RMS below this is collapsed whatever its start (three orders below the usual 1) ...
     norm_gain_collapse: float = 1e-3
     #: ... or below this fraction of the layer's own starting gain RMS: weight decay applied to a gain of 1
     #: shrinks it geometrically (AdamW wd 0.1 at lr 1e-2: x0.37 per 1000 steps); healthy LayerNorm gains
     #: stay within a factor of ~2 of their start.
     norm_gain_collapse_ratio: float = 0.1
+    #: Affine gain RMS above this is exploding (three orders above the usual 1).
     norm_gain_explode: float = 1e3
-    #: Norm-layer input RMS growing by more than this factor over training.
+    #: Norm-layer input RMS growing by more than this factor over training: post-norm residual streams grow
+    #: ~sqrt(depth) by design, three orders only when nothing bounds them.
     norm_input_growth: float = 1e3
-    #: Training steps before running statistics are judged: BatchNorm's running stats lag early by design.
+    #: Training steps before running statistics are judged: BatchNorm's running stats lag early by design
+    #: (momentum 0.1 forgets the (0, 1) start to 4 % in 30 steps).
     norm_warmup_steps: int = 30
 
     # --- optimizer -------------------------------------------------------------------------------
@@ -112,11 +135,14 @@ class Thresholds:
     #: At/below this sustained, rescaled to the peak learning rate seen, while the loss has not improved over
     #: the run, is too small (two orders of magnitude below the healthy band's low end of ~1e-3).
     update_ratio_low: float = 1e-5
-    #: Collected steps that make one "sustained" window for update ratios (with sustained_fraction, min_steps).
+    #: Collected steps that make one "sustained" window for update ratios (with sustained_fraction, min_steps):
+    #: 100 training steps at the default schedule's every-10th, short enough to date an lr change.
     update_window: int = 10
-    #: A loss more than this multiple of its recent range above its recent median is a spike.
+    #: A loss more than this multiple of its recent range above its recent median is a spike: an order of
+    #: magnitude past anything the last ``loss_window`` losses did (docs/optimizer.md, small-batch noise).
     loss_spike: float = 10.0
-    #: Losses (one per step given) in the window a spike is compared with and a loss level is taken over.
+    #: Losses (one per step given) in the window a spike is compared with and a loss level is taken over:
+    #: 20 averages small-batch noise to a few % (40 healthy runs at batch 1-8, docs/optimizer.md).
     loss_window: int = 20
     #: The loss level (trimmed mean of the last ``loss_window`` losses) rising to this factor of its lowest
     #: level over longer windows before it is divergence.
@@ -144,11 +170,13 @@ class Thresholds:
     init_growth: float = 100.0
 
     # --- numerics --------------------------------------------------------------------------------
-    #: Optimizer steps skipped for non-finite gradients (GradScaler) tolerated before it is a finding.
+    #: Optimizer steps skipped for non-finite gradients (GradScaler) tolerated before it is a finding:
+    #: GradScaler halves its scale per overflow and recovers in one or two steps; five in a row is not that.
     skipped_steps_persist: int = 5
 
     # --- history ---------------------------------------------------------------------------------
-    #: Minimum collected steps before trend rules (growth, sustained) are judged.
+    #: Minimum collected steps before trend rules (growth, sustained) are judged: a trend needs a baseline
+    #: and a repetition; three is the fewest a 30-step run gives at the default schedule.
     min_steps: int = 3
 
     # --- checkpoint --------------------------------------------------------------------------------

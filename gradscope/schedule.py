@@ -166,3 +166,22 @@ class Observer:
         if (first == step + 1 or not self.bursts) and len(self.bursts) < 64:
             self.bursts.append((step + 1, why))  # bounded: the first bursts of a run matter most
         return True
+
+
+def departures(points: list[tuple[int, float]], observer: Observer | None = None) -> list[int]:
+    """Steps at which a per-step series (e.g. the losses of ``History.loss_start`` + ``History.losses``)
+    left its recent range or stopped being finite, by the same rule as :class:`Observer` (no budget).
+
+    For dating: a blow-up began at the last departure at or before the step a rule noticed it."""
+    ref = observer or Observer()
+    out: list[int] = []
+    series = _Series(window=deque(maxlen=ref.window))
+    for step, value in points:
+        if ref._anomaly(series, value) is not None:
+            out.append(step)
+        if math.isfinite(value):
+            series.window.append(value)
+            series.last_finite = True
+        else:
+            series.last_finite = False
+    return out

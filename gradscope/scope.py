@@ -24,7 +24,7 @@ from .errors import AlreadyWatchedError, GradscopeWarning, UsageError
 from .findings import Report
 from .hooks import selection
 from .hooks.backward import BirthHooks
-from .hooks.capture import ModuleHooks
+from .hooks.capture import ModuleHooks, eager
 from .hooks.guard import KIND_TO_STAT, MODEL, Guard
 from .hooks.handles import HandleSet
 from .hooks.optimizer import after_first_call, call_first, closure_of, patch_scaler_update, with_closure
@@ -236,13 +236,13 @@ class Scope:
         probes = list({id(p): p for p in params[:1] + params[-1:]}.values())
         for p in probes:
             if hasattr(p, "register_post_accumulate_grad_hook"):
-                self._handles.keep(p.register_post_accumulate_grad_hook(self._on_probe_grad))
+                self._handles.keep(p.register_post_accumulate_grad_hook(eager(self._on_probe_grad)))
                 self._probe_params.append(p)
         if not self._probe_params:
             return
         for opt in self.optimizers:
             self._handles.keep(call_first(opt, "zero_grad", self._on_zero_grad))
-        self._handles.keep(self.model.register_forward_pre_hook(self._on_root_forward))
+        self._handles.keep(self.model.register_forward_pre_hook(eager(self._on_root_forward)))
 
     def _on_probe_grad(self, param: torch.Tensor) -> None:
         self._backward_since_end = True
@@ -469,6 +469,9 @@ class Scope:
         self._guard.call(MODEL, "parameters", self._read_params)
         self._refresh_optimizer_membership()
         lrs, param_lr = self._learning_rates()
+        # started before the engine's transfer, which lands them too (one sync per collected step on a GPU)
+        pre = self._guard.call(MODEL, "pre-clip gradients", self._param_grads.take, self._grad_scale())
+        self._births.begin()
         record, losses = self._collector.flush(
             self._step,
             losses=self._losses,
@@ -484,9 +487,8 @@ class Scope:
         for name, order in self._collector.agreed_order.items():  # distributed: every rank orders alike
             if name in self.history.layers:
                 self.history.layers[name].order = order
-        pre = self._param_grads.take()
         if pre is not None:
-            self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre, self._grad_scale())
+            self._guard.call(MODEL, "pre-clip gradients", apply_pre_clip, record, pre)
         record.inputs = self._births.take()
         self._sentinel_from(record)
         saw_forward, self._modules.forwards_seen = self._modules.forwards_seen, False

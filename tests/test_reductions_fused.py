@@ -19,6 +19,15 @@ from gradscope.stats import reductions as R
 BAND = (-0.9747, 0.9747)
 
 
+@pytest.fixture(autouse=True)
+def small_pieces(monkeypatch):
+    """Pieces of 4,096 elements: every path through several pieces on tensors small enough to be quick."""
+    monkeypatch.setattr(R, "CHUNK", 4096)
+    R._local.__dict__.clear()
+    yield
+    R._local.__dict__.clear()
+
+
 def _ref_activation(x: torch.Tensor, band, count_neg: bool) -> dict[str, float]:
     a = x.detach().double().numpy().reshape(-1)  # bf16/fp16 values are exact in float64
     with np.errstate(invalid="ignore", over="ignore"):
@@ -71,13 +80,13 @@ def _relu_like(*shape: int, dtype=torch.float32) -> torch.Tensor:
 CASES = [
     ("small", lambda: torch.randn(32, 64)),
     ("several pieces", lambda: torch.randn(3, R.CHUNK // 2 + 17)),
-    ("conv-shaped, transposed", lambda: torch.randn(6, 16, 70, 80).transpose(1, 3)),
-    ("strided slice", lambda: torch.randn(700, 1000)[::2, 3:]),
+    ("conv-shaped, transposed", lambda: torch.randn(3, 8, 30, 40).transpose(1, 3)),
+    ("strided slice", lambda: torch.randn(200, 300)[::2, 3:]),
     ("1-D odd length", lambda: torch.randn(R.CHUNK * 2 + 5)),
-    ("bf16", lambda: (torch.randn(5, 128, 900) * 3).bfloat16()),
-    ("fp16", lambda: (torch.randn(300, 1000) * 3).half()),
+    ("bf16", lambda: (torch.randn(5, 32, 300) * 3).bfloat16()),
+    ("fp16", lambda: (torch.randn(100, 300) * 3).half()),
     ("fp64", lambda: torch.randn(40, 50, dtype=torch.float64)),
-    ("relu zeros", lambda: _relu_like(4, 128, 1000)),
+    ("relu zeros", lambda: _relu_like(4, 32, 300)),
     ("zero-dim", lambda: torch.tensor(0.5)),
 ]
 
@@ -121,12 +130,12 @@ def test_per_unit_extremes_fused(exact, monkeypatch):
     if exact:
         monkeypatch.setattr(R, "_host_reads_free", lambda t: False)
     torch.manual_seed(2)
-    conv = torch.randn(8, 32, 40, 40)  # several pieces, units on dim 1
+    conv = torch.randn(4, 16, 20, 20)  # several pieces, units on dim 1
     _check(conv, None, True, unit_dim=1)
     _check(conv.bfloat16(), BAND, True, unit_dim=1)
-    lin = torch.randn(3, 200, 700).transpose(0, 1)  # non-contiguous, units last
+    lin = torch.randn(3, 50, 200).transpose(0, 1)  # non-contiguous, units last
     _check(lin, None, True, unit_dim=-1)
-    _check(_relu_like(600, 512), None, False, unit_dim=1)
+    _check(_relu_like(200, 128), None, False, unit_dim=1)
     # the |value| variant equals the plain unit_absmax, and so does the gradient's
     _, _, units = R.activation_stats(lin, band=None, count_neg=True, unit_dim=2, unit_abs=True)
     expected = lin.abs().amax(dim=(0, 1))
@@ -142,7 +151,7 @@ def test_per_unit_extremes_fused(exact, monkeypatch):
 
 def test_grad_stats_match_reference():
     torch.manual_seed(3)
-    for g in (torch.randn(R.CHUNK + 3), torch.randn(50, 60, 70).permute(2, 0, 1), torch.randn(9, 9).half()):
+    for g in (torch.randn(R.CHUNK + 3), torch.randn(20, 30, 40).permute(2, 0, 1), torch.randn(9, 9).half()):
         sums, maxes = R.grad_stats(g)
         d = g.double()
         assert sums[0].item() == pytest.approx(float(d.pow(2).sum()), rel=1e-5)
@@ -189,7 +198,7 @@ def test_strided_sample_of_a_non_contiguous_tensor():
 def test_norm_input_stats_match_reference(dtype):
     torch.manual_seed(4)
     # a large mean next to a small spread: E[x^2] - E[x]^2 in fp32 would lose the variance entirely
-    x = (torch.randn(16, 24, 30, 30) * 0.01 + 1000.0).to(dtype)
+    x = (torch.randn(8, 12, 20, 20) * 0.01 + 1000.0).to(dtype)
     sumsq, mean, var = R.norm_input_stats(x)
     d = x.double()
     torch.testing.assert_close(mean, d.mean(dim=(0, 2, 3)).float(), rtol=1e-6, atol=0)

@@ -289,3 +289,13 @@ def test_sentinel_log_says_since_when_a_gap_hides_the_start():
     for s, v in [(0, 1.0), (4, 1.0), (8, math.nan)]:
         log.add(s, "grad_norm", v)
     assert log.first_nonfinite["grad_norm"] == 8 and log.not_before["grad_norm"] == 5
+
+
+def test_departures_date_where_a_blow_up_began():
+    from gradscope.schedule import departures
+
+    losses = [(s, 1.0 - 0.01 * s + 0.02 * (s % 2)) for s in range(40)]
+    losses += [(40, 3.0), (41, 30.0), (42, 300.0), (43, math.inf), (44, math.nan)]
+    found = departures(losses)
+    assert found[0] == 40 and 43 in found and 44 not in found  # NaN after Inf is not a new departure
+    assert departures([(s, 1.0) for s in range(5)] + [(5, 50.0)]) == []  # too few values to judge a range

@@ -30,6 +30,7 @@ import torch
 from ..distributed import local
 from ..errors import GradscopeWarning
 from ..stats.records import InputStats
+from ..stats.sentinel import Landing
 from .handles import HandleSet
 from .outputs import floating
 
@@ -52,6 +53,7 @@ class BirthHooks:
         self._grads: dict[str, list[torch.Tensor]] = {}
         self._grad_order: dict[str, int] = {}
         self._hooks: dict[str, Any] = {}
+        self._pending: tuple[list[tuple[str, str]], Landing | None] | None = None
 
     def on_forward(self, name: str, inputs: Any) -> None:
         """A module ran (on a collected, grad-enabled step): note its inputs, hook their gradients."""
@@ -84,7 +86,24 @@ class BirthHooks:
         except Exception as exc:
             self._fail(exc)
 
+    def begin(self) -> None:
+        """Start this step's copy to the host, before the step's own transfer (which then lands it too)."""
+        try:
+            keys: list[tuple[str, str]] = []
+            flat: list[torch.Tensor] = []
+            for kind, table in (("in", self._inputs), ("grad", self._grads)):
+                for name, sums in table.items():
+                    if sums:
+                        keys.append((kind, name))
+                        # a sum of sums: NaN/Inf iff one of them is (fp32 overflow aside)
+                        flat.append(torch.stack([s.to(sums[0].device) for s in sums]).sum())
+            landing = Landing(torch.stack([f.to(flat[0].device) for f in flat])) if flat else None
+            self._pending = (keys, landing)
+        except Exception as exc:
+            self._fail(exc)
+
     def reset(self) -> None:
+        self._pending = None
         self._inputs.clear()
         self._grads.clear()
         self._grad_order.clear()
@@ -100,18 +119,14 @@ class BirthHooks:
             self.reset()
 
     def _take(self) -> dict[str, InputStats]:
-        keys: list[tuple[str, str]] = []
-        flat: list[torch.Tensor] = []
-        for kind, table in (("in", self._inputs), ("grad", self._grads)):
-            for name, sums in table.items():
-                if sums:
-                    keys.append((kind, name))
-                    # a sum of sums: NaN/Inf iff one of them is (fp32 overflow aside)
-                    flat.append(torch.stack([s.to(sums[0].device) for s in sums]).sum())
+        if self._pending is None:
+            self.begin()
+        if self._pending is None:
+            return {}
+        keys, landing = self._pending
         out: dict[str, InputStats] = {}
-        if flat:
-            device = flat[0].device
-            host = torch.stack([f.to(device) for f in flat]).cpu().tolist()
+        if landing is not None:
+            host = landing.values()
             for (kind, name), v in zip(keys, host, strict=True):
                 st = out.setdefault(name, InputStats())
                 if kind == "in":

@@ -23,6 +23,7 @@ import torch
 
 from ..distributed import local
 from ..errors import GradscopeWarning
+from ..stats.sentinel import Landing
 from .handles import HandleSet
 
 
@@ -32,6 +33,8 @@ class PreClip:
 
     names: list[str]
     sq: torch.Tensor  # (len(names),) fp32 on the device
+    landing: Landing | None = None  # sq, then the loss scale if any, on their way to the host
+    scaled: bool = False
 
 
 class ParamGradHooks:
@@ -82,14 +85,20 @@ class ParamGradHooks:
         except Exception as exc:
             self._fail(exc)
 
-    def take(self) -> PreClip | None:
-        """What this step's hooks measured (None if nothing), and forget it."""
+    def take(self, scale: torch.Tensor | None = None) -> PreClip | None:
+        """What this step's hooks measured (None if nothing), its copy to the host started, and forget it.
+        ``scale``: the GradScaler's scale that backward used (the gradients carry it)."""
         sq, self._sq = self._sq, {}
         if not sq:
             return None
         names = list(sq)
         device = sq[names[0]].device
-        return PreClip(names=names, sq=torch.stack([sq[n].to(device) for n in names]))
+        vec = torch.stack([sq[n].to(device) for n in names])
+        pre = PreClip(names=names, sq=vec, scaled=scale is not None)
+        if scale is not None:
+            vec = torch.cat([vec, scale.detach().reshape(1).float().to(device)])
+        pre.landing = Landing(vec)
+        return pre
 
     def _fail(self, exc: BaseException) -> None:
         self.enabled = False
@@ -102,16 +111,13 @@ class ParamGradHooks:
         )
 
 
-def apply_pre_clip(record: object, pre: PreClip, scale: torch.Tensor | None) -> None:
+def apply_pre_clip(record: object, pre: PreClip) -> None:
     """Make each ParamStats.grad_norm the norm backward produced (unscaled), keep the one the optimizer
     received as ``grad_norm_clipped``, and set the step's ``clip_ratio`` (pre-clip / post-clip global norm).
 
-    One transfer for the whole step (a collected step, which syncs anyway)."""
-    vec = (
-        pre.sq if scale is None else torch.cat([pre.sq, scale.detach().reshape(1).float().to(pre.sq.device)])
-    )
-    host = vec.cpu().tolist()
-    s = host[-1] if scale is not None else 1.0
+    Its values were copied along with the step's own transfer (no extra sync on a GPU)."""
+    host = pre.landing.values() if pre.landing is not None else pre.sq.cpu().tolist()
+    s = host[-1] if pre.scaled else 1.0
     s = s if s > 0 and math.isfinite(s) else 1.0
     params = record.params  # type: ignore[attr-defined]
     pre_total = post_total = 0.0

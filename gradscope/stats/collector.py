@@ -211,9 +211,14 @@ class StepCollector:
             max_names.append("neg_rv_min")
         for attr in ("weight", "bias"):
             t = getattr(module, attr, None)
-            if isinstance(t, torch.Tensor):
-                maxes_l.append(t.detach().float().square().mean().sqrt())
+            if isinstance(t, torch.Tensor) and t.numel() > 0:
+                tf = t.detach().float()
+                maxes_l.append(tf.square().mean().sqrt())
                 max_names.append(f"{attr}_rms")
+                if attr == "weight":  # per-channel worst gains: a few small reductions over the gain
+                    a = tf.abs()
+                    maxes_l += [-a.min(), a.max()]
+                    max_names += ["neg_weight_absmin", "weight_absmax"]
         acc.put("sums", SUM, torch.stack(sums_l), tuple(sum_names))
         acc.put("maxes", MAX, torch.stack(maxes_l) if maxes_l else sumsq.new_zeros(0), tuple(max_names))
         acc.numel += x.numel()
@@ -636,6 +641,8 @@ def _norm(values: Values, kind: str, name: str, acc: _Acc | None, training: bool
         _pooled_gaps(values, kind, name, float(pooled[0]), stats)
     stats.weight_rms = m.get("weight_rms")
     stats.bias_rms = m.get("bias_rms")
+    if "weight_absmax" in m:
+        stats.weight_absmin, stats.weight_absmax = -m["neg_weight_absmin"], m["weight_absmax"]
     _copy_fields(values, kind, name, stats)
     return stats
 

@@ -86,6 +86,28 @@ class _Ring:
         return out
 
 
+class Landing:
+    """A small device vector on its way to the host, started before the collected step's own transfer.
+
+    On a CUDA device the copy is queued asynchronously (into pinned memory) with an event after it, so the
+    step's one synchronising transfer (the engine's) also lands it; :meth:`values` waits on the event,
+    which by then has nearly always completed. On the CPU the values are read directly."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.event: Any = None
+        if t.device.type == "cuda":
+            self.host = t.detach().to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t.detach().cpu()
+
+    def values(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()  # a collected step: it syncs once anyway
+        return self.host.tolist()
+
+
 @dataclass
 class SentinelLog:
     """What the sentinels saw over the whole run, in bounded memory (kept in History.sentinel)."""
