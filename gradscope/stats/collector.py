@@ -385,11 +385,12 @@ class Combiner:
         self.device = device  # where collectives run (CUDA for NCCL); None: the buffer's own device
         self.on_disagree: Callable[[set[Key]], None] | None = None
 
-    def agree(self, entries: list[Entry], device: torch.device) -> tuple[list[Entry], set[Key]]:
-        device = self.device or device
+    @staticmethod
+    def layout_id(entries: list[Entry], device: torch.device) -> torch.Tensor:
+        """(length, hash) of a layout as three int64s: what ranks compare before combining anything."""
         desc = [(e.key, e.combine, e.size, e.names) for e in entries]
         digest = hashlib.blake2b(repr(desc).encode(), digest_size=16).digest()
-        mine = torch.tensor(
+        return torch.tensor(
             [
                 len(desc),
                 int.from_bytes(digest[:8], "little", signed=True),
@@ -398,6 +399,10 @@ class Combiner:
             dtype=torch.int64,
             device=device,
         )
+
+    def agree(self, entries: list[Entry], device: torch.device) -> tuple[list[Entry], set[Key]]:
+        device = self.device or device
+        mine = self.layout_id(entries, device)
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         self.dist.all_gather(gathered, mine, group=self.group)
         if all(torch.equal(g, gathered[0]) for g in gathered):
@@ -417,6 +422,7 @@ class Combiner:
                 elif (seen.combine, seen.size, seen.names) != (combine, size, tuple(names)):
                     conflicts.add(key)
         agreed = sorted((e for k, e in union.items() if k not in conflicts), key=lambda e: (e.combine, e.key))
+        self.last_agreed = agreed
         if conflicts and self.on_disagree is not None:
             self.on_disagree(conflicts)
         return agreed, conflicts
