@@ -96,19 +96,18 @@ class Finding:
 
 
 def sort_findings(findings: list[Finding], layer_order: dict[str, int] | None = None) -> list[Finding]:
-    """Most severe first; among equals the root cause (NaN's origin, then a finding that others were
-    folded into), then model order, so the earliest affected layer leads."""
+    """Most severe first; among equals the root causes (NaN's origin, a finding that others were folded
+    into) earliest step first, so a divergence that later turned into NaN leads the NaN it caused; then
+    the rest in model order, so the earliest affected layer leads."""
     order = layer_order or {}
 
-    def root(f: Finding) -> int:
-        if f.kind == Kind.NONFINITE.value:
-            return 0
-        return 1 if "folded" in f.evidence else 2
+    def key(f: Finding) -> tuple:
+        step = f.step if f.step is not None else -1
+        if f.kind == Kind.NONFINITE.value or "folded" in f.evidence:
+            return (-f.rank, 0, step, 0 if f.kind == Kind.NONFINITE.value else 1, order.get(f.layer, 1 << 30), f.kind)
+        return (-f.rank, 1, 0, 0, order.get(f.layer, 1 << 30), step, f.kind)
 
-    return sorted(
-        findings,
-        key=lambda f: (-f.rank, root(f), order.get(f.layer, 1 << 30), f.step if f.step is not None else -1, f.kind),
-    )
+    return sorted(findings, key=key)
 
 
 @dataclass

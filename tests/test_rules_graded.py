@@ -246,8 +246,12 @@ def test_a_fully_dead_layer_takes_the_cut_gradients_before_it():
 def test_sorting_puts_roots_first_among_equals():
     a = Finding("vanishing_gradient", "critical", "a", 0, "m.", "h.")
     b = Finding("update_ratio", "critical", "b", 0, "m.", "h.", {"folded": "vanishing_gradient@c"})
-    n = Finding("nonfinite", "critical", "z", 3, "m.", "h.")
-    assert [f.layer for f in sort_findings([a, b, n], {"a": 0, "b": 1, "z": 2})] == ["z", "b", "a"]
+    n = Finding("nonfinite", "critical", "z", 0, "m.", "h.")
+    order = {"a": 0, "b": 1, "z": 2}
+    assert [f.layer for f in sort_findings([a, b, n], order)] == ["z", "b", "a"]
+    # Roots lead earliest first: a too-large step at step 0 leads the NaN it caused at step 3.
+    n.step = 3
+    assert [f.layer for f in sort_findings([a, b, n], order)] == ["b", "z", "a"]
 
 
 # --- init_scale -----------------------------------------------------------------------------------------

@@ -393,7 +393,11 @@ def _growth(s: LayerSeries, th: Thresholds) -> _Hit | None:
         "growth": growth,
         "steps_above": sum(flags),
     }
-    what = f"grew {growth:.1e}x above its earlier level (from {base:.2e} to {peak:.2e})"
+    what = (
+        f"grew {growth:.1e}x above its earlier level (from {base:.2e} to {peak:.2e})"
+        if math.isfinite(peak)
+        else f"grew from its earlier level of {base:.2e} until it overflowed to inf"
+    )
     return s.steps[start], _persistence(flags, th), evidence, what
 
 

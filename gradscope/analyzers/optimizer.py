@@ -34,6 +34,7 @@ from statistics import median
 
 from ..config import Thresholds
 from ..findings import Finding, Kind, Severity
+from ..schedule import departures
 from ..stats.history import History
 from .loss import Points, loss_points, roughness, start_level
 from .loss import change as loss_change
@@ -197,8 +198,24 @@ def find_rise(points: Points, th: Thresholds) -> LossEvent | None:
                 "rise_factor": level[i] / low if low > 0 else math.inf, "loss_last": level[-1],
             }
             recovered = not risen(len(vals) - 1, low)
-            return LossEvent("rise", points[i][0], Severity.WARNING if recovered else Severity.CRITICAL, ev)
+            began = _rise_began(points, points[i][0], points[low_at][0], w)
+            if began != points[i][0]:
+                ev["noticed_step"] = points[i][0]
+            return LossEvent("rise", began, Severity.WARNING if recovered else Severity.CRITICAL, ev)
     return None
+
+
+def _rise_began(points: Points, noticed: int, low_step: int, window: int) -> int:
+    """Where a rise began, not where its level crossed the threshold: the first of the last run of steps
+    (after the loss's low, within two loss windows of ``noticed``) at which the per-step loss left its
+    recent range, by the schedule's own burst rule. A slow drift that never jumps keeps ``noticed``."""
+    jumps = {d for d in departures(list(points)) if low_step < d <= noticed and d >= noticed - 2 * window}
+    if not jumps:
+        return noticed
+    began = max(jumps)
+    while began - 1 in jumps:  # a blow-up leaves its range step after step: date the first of that run
+        began -= 1
+    return began
 
 
 def find_spike(points: Points, th: Thresholds) -> LossEvent | None:
@@ -444,7 +461,8 @@ def _divergence_message(e: LossEvent) -> str:
     if e.how == "rise":
         now = "" if e.severity == Severity.CRITICAL else " (it has come back down since)"
         return (
-            f"The loss rose to a level of {_fmt(ev['loss'])} (mean of its recent steps) by step {e.step}, "  # type: ignore[arg-type]
+            f"The loss rose from step {e.step} to a level of {_fmt(ev['loss'])} (mean of its recent steps) "
+            f"by step {ev.get('noticed_step', e.step)}, "  # type: ignore[arg-type]
             f"{_fmt(ev['rise_factor'])}x its earlier low of {_fmt(ev['loss_min'])} (up to step {ev['loss_min_step']}){now}."  # type: ignore[arg-type]
         )
     return (
