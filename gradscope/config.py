@@ -58,6 +58,13 @@ class Thresholds:
     #: A layer's relative gradient this many times the later layers' median (sustained) is exploding: the
     #: mirror of ``vanishing_depth_ratio`` (healthy depth gaps are within 1e2 either way).
     exploding_depth_ratio: float = 1e4
+    #: The user's gradient clipping shrank the global gradient by at least this factor on most collected
+    #: steps (``sustained_fraction``): the clip, not the learning rate, sets every step, and it hides an
+    #: explosion. A healthy run clipped at 1.0 sees pre-clip norms of ~0.3-10 (ratios under 10); the tanh
+    #: RNN of spectral radius 2 (Pascanu et al., 2013) clipped at 1.0 sees 900-5500.
+    clip_hidden_ratio: float = 100.0
+    #: ... and at least this factor (median over the clipped steps) while the loss does not improve: critical.
+    clip_hidden_critical: float = 1e3
     #: The loss "is improving" when its last third's mean is below its first third's by at least this
     #: fraction: above the few % that small-batch noise moves a third's mean (measured over 40 healthy runs).
     loss_plateau: float = 0.05

@@ -24,7 +24,7 @@ from .errors import AlreadyWatchedError, GradscopeWarning, UsageError
 from .findings import Report
 from .hooks import selection
 from .hooks.backward import BirthHooks
-from .hooks.capture import ModuleHooks
+from .hooks.capture import ModuleHooks, eager
 from .hooks.guard import KIND_TO_STAT, MODEL, Guard
 from .hooks.handles import HandleSet
 from .hooks.optimizer import after_first_call, call_first, closure_of, patch_scaler_update, with_closure
@@ -236,19 +236,19 @@ class Scope:
         probes = list({id(p): p for p in params[:1] + params[-1:]}.values())
         for p in probes:
             if hasattr(p, "register_post_accumulate_grad_hook"):
-                self._handles.keep(p.register_post_accumulate_grad_hook(self._on_probe_grad))
+                self._handles.keep(p.register_post_accumulate_grad_hook(eager(self._on_probe_grad)))
                 self._probe_params.append(p)
         if not self._probe_params:
             return
         for opt in self.optimizers:
             self._handles.keep(call_first(opt, "zero_grad", self._on_zero_grad))
-        self._handles.keep(self.model.register_forward_pre_hook(self._on_root_forward))
+        self._handles.keep(self.model.register_forward_pre_hook(eager(self._on_root_forward)))
 
     def _on_probe_grad(self, param: torch.Tensor) -> None:
         self._backward_since_end = True
 
     def _on_zero_grad(self) -> None:
-        self._guard.call(MODEL, "scaler", self._end_if_discarded)
+        self._guard.call(MODEL, "scaler", self._end_if_discarded, True)
 
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
         if not (self._backward_since_end and module.training and torch.is_grad_enabled()):
@@ -256,9 +256,18 @@ class Scope:
         if all(p.grad is None for p in self._probe_params):  # cleared since that backward
             self._guard.call(MODEL, "scaler", self._end_if_discarded)
 
-    def _end_if_discarded(self) -> None:
-        if self._backward_since_end and not self._in_step and not self._stepped:
-            self._end_step(skipped=True)
+    def _end_if_discarded(self, check: bool = False) -> None:
+        """Gradients of a backward are being discarded before any optimizer stepped. That is a skipped step
+        when they were not finite (what GradScaler skips); finite ones thrown away on purpose (another,
+        unwatched optimizer's backward through these parameters, as in a GAN) are not. ``check``: the
+        gradients are still there to look at (one sync, on this rare path only). In a distributed run the
+        check is left out: sharded gradients differ by rank, and every rank must end the same steps."""
+        if not self._backward_since_end or self._in_step or self._stepped:
+            return
+        if check and self._combiner is None and _all_finite([p.grad for _, p in self._named_params]):
+            self._backward_since_end = False
+            return
+        self._end_step(skipped=True)
 
     @property
     def _collecting(self) -> bool:
@@ -667,6 +676,16 @@ class Scope:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"Scope({type(self.model).__name__}, step={self._step}, {self.schedule.describe()}, {state})"
+
+
+def _all_finite(grads: list[torch.Tensor | None]) -> bool:
+    """Whether every gradient is finite (norms are; a NaN or Inf anywhere makes its norm non-finite)."""
+    dense = [distributed.local(g.detach()) for g in grads if g is not None]
+    dense = [g.coalesce().values() if g.is_sparse else g for g in dense]
+    if not dense:
+        return True
+    norms = torch._foreach_norm(dense)
+    return bool(torch.stack([n.float().to(norms[0].device) for n in norms]).isfinite().all())
 
 
 def _uninitialized(p: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 WORKER = Path(__file__).parent / "workers" / "ddp_eval_run.py"
@@ -39,3 +40,51 @@ def test_rank_local_evaluations_and_modules_stay_out_of_the_collective(tmp_path)
     # evaluation statistics and histogram samples stay on the rank that made them
     assert w0["eval_norms"] == ["body.1"] and w1["eval_norms"] == []
     assert w0["samples"] and w1["samples"]
+
+
+class _TwoRanks:
+    """Stands in for torch.distributed in one process, as rank 0 of two; rank 1 packed ``other``."""
+
+    def __init__(self, other, combiner) -> None:
+        self.other = [e for e in other.entries.values() if e.combine != "local"]
+        self.tensors = other.tensors
+        self.combiner = combiner
+
+    def all_gather(self, out, t, group=None):
+        out[0].copy_(t)
+        if t.dtype == torch.int64:  # the layout check
+            out[1].copy_(self.combiner.layout_id(self.other, t.device))
+            return
+        # the buffer: rank 1 packs the agreed layout, [sums | maxes], identities where it measured nothing
+        agreed = sorted(self.combiner.last_agreed, key=lambda e: e.combine != "sum")
+        vals = [self.tensors.get(e.key, torch.full((e.size,), e.identity())) for e in agreed]
+        out[1].copy_(torch.cat(vals))
+
+    def all_gather_object(self, out, obj, group=None):
+        out[0] = obj
+        out[1] = [(tuple(e.key), e.combine, e.size, e.names) for e in self.other]
+
+
+def test_ranks_that_packed_different_statistics_combine_the_union_and_keep_conflicts_local():
+    from gradscope.stats.collector import Combiner
+    from gradscope.stats.packing import Key, Pack
+
+    mine, other = Pack(), Pack()
+    mine.put(Key("act", "a", "sums"), "sum", torch.tensor([1.0, 2.0]), ("sum", "sumsq"))
+    mine.put(Key("act", "only_here", "maxes"), "max", torch.tensor([5.0]))
+    mine.put(Key("act", "w", "alive"), "max", torch.tensor([1.0, 0.0, 1.0]))  # 3 units here, 2 there
+    mine.put(Key("act", "a", "sample"), "local", torch.tensor([0.5, 0.25]))
+    other.put(Key("act", "a", "sums"), "sum", torch.tensor([10.0, 20.0]), ("sum", "sumsq"))
+    other.put(Key("act", "only_there", "sums"), "sum", torch.tensor([7.0]))
+    other.put(Key("act", "w", "alive"), "max", torch.tensor([1.0, 1.0]))
+    combiner = Combiner.__new__(Combiner)
+    combiner.dist, combiner.world, combiner.group, combiner.device = _TwoRanks(other, combiner), 2, None, None
+    conflicts: list = []
+    combiner.on_disagree = conflicts.append
+    values = mine.transfer(combiner)
+    assert values.named(Key("act", "a", "sums")) == {"sum": 11.0, "sumsq": 22.0}
+    assert values.get(Key("act", "only_there", "sums")).tolist() == [7.0]  # measured on the other rank only
+    assert values.get(Key("act", "only_here", "maxes")).tolist() == [5.0]
+    assert values.get(Key("act", "w", "alive")).tolist() == [1.0, 0.0, 1.0]  # sizes disagree: this rank's own
+    assert values.get(Key("act", "a", "sample")).tolist() == [0.5, 0.25]  # never combined
+    assert conflicts == [{Key("act", "w", "alive")}]

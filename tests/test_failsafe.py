@@ -251,19 +251,43 @@ def test_steps_a_grad_scaler_skips_are_recognised_without_being_told(scaler_give
 
 
 def test_a_discarded_step_is_skipped_whatever_the_loop_order():
-    """zero_grad() before the forward, and gradients thrown away by hand: the step is still counted."""
+    """zero_grad() before the forward, and non-finite gradients thrown away by the loop itself: the step
+    is counted, and skipped."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model, optimizer=opt, every=1) as scope:
         for i in range(5):
             opt.zero_grad()
-            loss = model(torch.randn(4, 4)).pow(2).mean()
+            x = torch.randn(4, 4)
+            if i == 2:
+                x[0, 0] = float("inf")
+            loss = model(x).pow(2).mean()
             loss.backward()
-            if i != 2:  # the user's own "skip this batch"
+            if all(p.grad.isfinite().all() for p in model.parameters()):  # the loop's own overflow check
                 opt.step()
     assert scope.history.steps_seen == 5
     assert scope.history.skipped_steps == [2]
     rec = {r.step: r for r in scope.history.records}
     assert rec[2].skipped and rec[2].params["0.weight"].update_norm is None
     assert rec[3].activations["0"].calls == 1  # the next step's forward is its own
+
+
+def test_finite_gradients_of_an_unwatched_optimizer_do_not_make_skipped_steps():
+    """A GAN-like loop: only the discriminator's optimizer is watched; the generator's backward also
+    reaches the discriminator's parameters and is cleared without a watched step. No step is skipped."""
+    torch.manual_seed(0)
+    gen, disc = nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.01)
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.01)
+    with gradscope.watch(disc, optimizer=opt_d, every=1) as scope:
+        for _ in range(4):
+            opt_d.zero_grad()
+            disc(gen(torch.randn(8, 3)).detach()).mean().backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            opt_d.zero_grad()
+            (-disc(gen(torch.randn(8, 3)))).mean().backward()  # reaches disc's parameters too
+            opt_g.step()
+    assert scope.history.steps_seen == 4
+    assert scope.history.skipped_total == 0

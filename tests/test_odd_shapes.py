@@ -269,6 +269,13 @@ def test_user_written_norms_are_norms_and_shrinkage_is_not_relu():
     rec = scope.history.last
     assert {"1", "3"} <= rec.norms.keys()
     assert rec.norms["1"].weight_rms == pytest.approx(1.0)
+    with torch.no_grad():
+        model[3].weight[2] = 1e-4  # one collapsed channel of the RMSNorm gain
+    with gradscope.watch(model, every=1) as scope:
+        model(torch.randn(16, 8)).sum().backward()
+        scope.step()
+    norm = scope.history.last.norms["3"]
+    assert norm.weight_absmin == pytest.approx(1e-4) and norm.weight_absmax == pytest.approx(1.0)
     assert rec.activations["2"].alive is None  # no dead-unit claim on a function that passes negatives
 
 
@@ -303,3 +310,48 @@ def test_per_unit_maxima_of_weighted_layers_and_masks_per_width():
     assert rec.activations["act"].alive is None and set(widths) == {8, 4}
     assert widths[8].tolist() == (torch.relu(h1) > 0).any(0).tolist()
     assert widths[4].tolist() == (torch.relu(h2) > 0).any(0).tolist()
+
+
+def test_every_kind_of_output_tensor_is_handled_on_purpose():
+    """Sparse, nested, complex, integer, bool, empty, quantized and meta outputs are each skipped with a
+    reason; floating and inference-mode outputs are measured; none of them breaks the forward."""
+    import warnings
+
+    from gradscope.hooks import selection
+
+    dense = torch.randn(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's prototype/deprecation notes for nested and quantized
+        nested = torch.nested.nested_tensor([torch.randn(2, 6), torch.randn(3, 6)])
+        quantized = torch.quantize_per_tensor(dense, 0.1, 0, torch.quint8)
+    with torch.inference_mode():
+        inference = torch.randn(4, 6)
+    kinds = {
+        "sparse": dense.to_sparse(),
+        "nested": nested,
+        "complex": torch.randn(4, 6, dtype=torch.cfloat),
+        "integer or bool": torch.ones(4, 6, dtype=torch.bool),
+        "empty": torch.randn(0, 6),
+        "quantized": quantized,
+        "meta": torch.empty(4, 6, device="meta"),
+    }
+    for kind, t in kinds.items():
+        assert selection.skip_reason(t).startswith(kind + ":"), kind
+    assert selection.skip_reason(dense) is None and selection.skip_reason(inference) is None
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor):
+            return self.fc(x), *kinds.values(), inference
+
+    model = Odd()
+    with gradscope.watch(model, every=1) as scope:
+        out = model(dense)
+        out[0].sum().backward()
+        scope.step()
+    rec = scope.history.last
+    assert rec.activations[""].numel == 2 * 4 * 6  # fc's output and the inference-mode tensor
+    assert rec.gradients["fc"].norm > 0

@@ -122,3 +122,12 @@ def test_long_names_are_shown_whole_once_per_group() -> None:
     assert "t.h.0…3.mlp.c_fc" in table  # the run in the narrow column, shortened as the flow table's names are
     assert "t.h.0.mlp.c_fc" in out
     assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_a_run_whose_ends_differ_in_shape_names_the_first_and_how_many_more() -> None:
+    from gradscope.reporters.terminal import layer_span
+
+    names = ["transformer.wte", "transformer.wpe", "transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"]
+    assert layer_span(names, 22) == "transformer.wte +3"
+    assert layer_span(["fc0", "fc1", "fc13"], 22) == "fc0 … fc13"
+    assert layer_span([f"transformer.h.{i}.mlp.c_fc" for i in range(12)], 22) == "t.h.0…11.mlp.c_fc"

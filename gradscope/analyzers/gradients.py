@@ -247,6 +247,9 @@ def _exploding(history: History, series: dict[str, LayerSeries], th: Thresholds)
         waking = _weight_growth(s) >= th.exploding_waking_growth and _first_rms(s) < th.exploding_waking_rms
         hits = [(_growth(s, th), False), (_ratio_explosion(s, th), not waking), (_steady_growth(history, s, th), False)]
         graded = [(_grade(hit, th, history, standalone=alone), hit) for hit, alone in hits if hit is not None]
+        clipped = _clip_hidden(history, name, series, th)
+        if clipped is not None:
+            graded.append((clipped[0], clipped[1]))
         if not graded:
             hit = _depth_explosion(s, [series[n] for n in names[i + 1 :]], th)
             if hit is None:
@@ -267,6 +270,10 @@ def _exploding(history: History, series: dict[str, LayerSeries], th: Thresholds)
                     "else lower the learning rate and clip gradients, e.g. "
                     "torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)."
                     if evidence.get("pattern") == "steady"
+                    else "The clip hides an explosion at this layer: fix its cause (a recurrent matrix with "
+                    "spectral radius above 1, a too-large learning rate or init) rather than relying on "
+                    "clip_grad_norm_; for RNNs use an orthogonal init, an LSTM/GRU or fewer time steps."
+                    if evidence.get("pattern") == "clipped"
                     else "Lower the learning rate (or add warm-up) and clip gradients, e.g. "
                     "torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)."
                 ),
@@ -417,6 +424,54 @@ def _depth_explosion(s: LayerSeries, later: list[LayerSeries], th: Thresholds) -
     first = gaps[flags.index(True)][0]
     evidence: dict[str, float | int | str] = {"depth_ratio": gap, "steps_above": sum(flags)}
     return first, False, evidence, f"is {gap:.1e}x the later layers' (relative to their weights)"
+
+
+def _clip_hidden(
+    history: History, name: str, series: dict[str, LayerSeries], th: Thresholds
+) -> tuple[Severity, _Hit] | None:
+    """An explosion the user's clip hides: the clip shrinks the global gradient ``clip_hidden_ratio``-fold
+    or more on most collected steps, and this layer holds most of the pre-clip gradient and the largest
+    gradient relative to its weights. Gradients are read as backward produced them (before the clip), so
+    the layer that explodes is named, not the one whose clipped gradient looks largest afterwards."""
+    steps = [r for r in history.records if not r.skipped and r.clip_ratio is not None]
+    if len(steps) < th.min_steps:
+        return None
+    ratios = [r.clip_ratio for r in steps]
+    hidden = [x >= th.clip_hidden_ratio for x in ratios]  # NaN counts as not clipped: nonfinite owns it
+    if sum(hidden) / len(hidden) < th.sustained_fraction:
+        return None
+    # The layer that explodes: the largest median relative gradient, holding most of the squared norm.
+    rel = {n: median(x for x in ser.ratio if math.isfinite(x)) for n, ser in series.items()
+           if any(math.isfinite(x) for x in ser.ratio)}
+    if not rel or max(rel, key=rel.__getitem__) != name:
+        return None
+    s = series[name]
+    total = {r.step: sum(p.grad_norm**2 for p in r.params.values() if p.grad_norm is not None and
+                         math.isfinite(p.grad_norm)) for r in steps}
+    shares = [g * g / total[st] for st, g in zip(s.steps, s.grad, strict=True)
+              if total.get(st) and math.isfinite(g)]
+    if not shares or median(shares) < 0.5:
+        return None
+    clipped = [x for x, h in zip(ratios, hidden, strict=True) if h]
+    typical = median(clipped)
+    onset = steps[hidden.index(True)].step
+    symptom = _explosion_symptom(history, onset, th)
+    severity = Severity.CRITICAL if typical >= th.clip_hidden_critical and symptom else Severity.WARNING
+    evidence: dict[str, float | int | str] = {
+        "clip_ratio": typical,
+        "max_clip_ratio": max(clipped),
+        "steps_clipped": len(clipped),
+        "steps": len(steps),
+        "grad_norm": median(s.grad),
+        "grad_to_weight": rel[name],
+        "share_of_grad_norm_sq": median(shares),
+        "pattern": "clipped",
+    }
+    what = (
+        f"is what gradient clipping keeps cutting: before the clip it holds {median(shares):.0%} of the "
+        f"gradient, which the clip shrank {typical:.0f}x (median) on {len(clipped)} of {len(steps)} collected steps"
+    )
+    return severity, (onset, True, evidence, what)
 
 
 def _explosion_symptom(history: History, onset: int, th: Thresholds) -> bool:

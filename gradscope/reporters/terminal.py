@@ -263,7 +263,8 @@ def _evidence_notes(f: Finding) -> str:
 
 def layer_span(layers: Sequence[str], width: int) -> str:
     """``fc0`` for one layer, ``fc0 … fc13`` for a run; where the ends differ in one place only, that
-    place: ``transformer.h.0…11.mlp.c_fc``, shortened as :func:`shorten` does (``t.h.0…11.mlp.c_fc``)."""
+    place: ``transformer.h.0…11.mlp.c_fc``, shortened as :func:`shorten` does (``t.h.0…11.mlp.c_fc``);
+    otherwise the first layer and how many more (``transformer.wte +9``)."""
     names = [n or "(model)" for n in layers]
     if len(names) == 1:
         return shorten(names[0], width)
@@ -285,8 +286,8 @@ def layer_span(layers: Sequence[str], width: int) -> str:
         ):
             if len(candidate) <= width:
                 return candidate
-    side = max(1, (width - 3) // 2)
-    return f"{shorten(a, side)} … {shorten(b, side)}"
+    more = f" +{len(names) - 1}"  # the ends are named in full in the row's message
+    return shorten(a, max(1, width - len(more))) + more
 
 
 def _full_names(g: FindingGroup, width: int) -> str:

@@ -211,9 +211,14 @@ class StepCollector:
             max_names.append("neg_rv_min")
         for attr in ("weight", "bias"):
             t = getattr(module, attr, None)
-            if isinstance(t, torch.Tensor):
-                maxes_l.append(t.detach().float().square().mean().sqrt())
+            if isinstance(t, torch.Tensor) and t.numel() > 0:
+                tf = t.detach().float()
+                maxes_l.append(tf.square().mean().sqrt())
                 max_names.append(f"{attr}_rms")
+                if attr == "weight":  # per-channel worst gains: a few small reductions over the gain
+                    a = tf.abs()
+                    maxes_l += [-a.min(), a.max()]
+                    max_names += ["neg_weight_absmin", "weight_absmax"]
         acc.put("sums", SUM, torch.stack(sums_l), tuple(sum_names))
         acc.put("maxes", MAX, torch.stack(maxes_l) if maxes_l else sumsq.new_zeros(0), tuple(max_names))
         acc.numel += x.numel()
@@ -380,11 +385,12 @@ class Combiner:
         self.device = device  # where collectives run (CUDA for NCCL); None: the buffer's own device
         self.on_disagree: Callable[[set[Key]], None] | None = None
 
-    def agree(self, entries: list[Entry], device: torch.device) -> tuple[list[Entry], set[Key]]:
-        device = self.device or device
+    @staticmethod
+    def layout_id(entries: list[Entry], device: torch.device) -> torch.Tensor:
+        """(length, hash) of a layout as three int64s: what ranks compare before combining anything."""
         desc = [(e.key, e.combine, e.size, e.names) for e in entries]
         digest = hashlib.blake2b(repr(desc).encode(), digest_size=16).digest()
-        mine = torch.tensor(
+        return torch.tensor(
             [
                 len(desc),
                 int.from_bytes(digest[:8], "little", signed=True),
@@ -393,6 +399,10 @@ class Combiner:
             dtype=torch.int64,
             device=device,
         )
+
+    def agree(self, entries: list[Entry], device: torch.device) -> tuple[list[Entry], set[Key]]:
+        device = self.device or device
+        mine = self.layout_id(entries, device)
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         self.dist.all_gather(gathered, mine, group=self.group)
         if all(torch.equal(g, gathered[0]) for g in gathered):
@@ -412,6 +422,7 @@ class Combiner:
                 elif (seen.combine, seen.size, seen.names) != (combine, size, tuple(names)):
                     conflicts.add(key)
         agreed = sorted((e for k, e in union.items() if k not in conflicts), key=lambda e: (e.combine, e.key))
+        self.last_agreed = agreed
         if conflicts and self.on_disagree is not None:
             self.on_disagree(conflicts)
         return agreed, conflicts
@@ -636,6 +647,8 @@ def _norm(values: Values, kind: str, name: str, acc: _Acc | None, training: bool
         _pooled_gaps(values, kind, name, float(pooled[0]), stats)
     stats.weight_rms = m.get("weight_rms")
     stats.bias_rms = m.get("bias_rms")
+    if "weight_absmax" in m:
+        stats.weight_absmin, stats.weight_absmax = -m["neg_weight_absmin"], m["weight_absmax"]
     _copy_fields(values, kind, name, stats)
     return stats
 

@@ -135,6 +135,10 @@ class NormStats:
     running_var_min: float = float("nan")
     weight_rms: float | None = None  # affine gain RMS
     bias_rms: float | None = None
+    # The worst channels of the gain: its smallest and largest |weight| (one collapsed or exploded channel
+    # hides in the RMS of a wide layer).
+    weight_absmin: float | None = None
+    weight_absmax: float | None = None
     calls: int = 1
 
 
