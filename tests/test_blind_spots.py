@@ -20,12 +20,7 @@ from gradscope.stats.clipping import clip_summary
 VOCAB, SEQ, D = 16, 12, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- a small nanoGPT-style model, written here ------------------------------------------------------

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from gradscope.findings import Report
 
@@ -33,13 +32,7 @@ EXPECT: dict[str, tuple[str, str] | None] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models on 2 shared cores: one thread is faster, and leaves the other core to the rest.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_every_example_is_listed() -> None:

@@ -29,13 +29,7 @@ LINEAR = ("fc1", "fc2", "head")
 HEALTHY_LR = 0.05  # SGD on this task: the loss falls from ~4 to ~0.3 in 100 steps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models on 2 shared cores: one thread is faster, and leaves the other core to the rest.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def regression_data(n: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

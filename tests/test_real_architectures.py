@@ -9,17 +9,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from real_models import HF_VOCAB, VOCAB, loud, train_cnn, train_gpt, train_hf, train_lstm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models on shared cores: one thread is faster, and leaves the other cores to the rest.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_nanogpt_style_model_is_silent():

@@ -20,12 +20,7 @@ from gradscope.findings import Report
 UPDATE, LOSS, VANISH, EXPLODE = "update_ratio", "loss_divergence", "vanishing_gradient", "exploding_gradient"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def relative_update(layer: nn.Linear, before: torch.Tensor) -> float:

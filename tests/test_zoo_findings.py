@@ -17,14 +17,7 @@ import zoo
 import gradscope
 from gradscope.findings import Report
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine has 2 shared cores; small models train faster single-threaded anyway.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def watched(sc: zoo.Scenario, every: int | None = 1, after_backward=None) -> tuple[Report, list[float]]:
