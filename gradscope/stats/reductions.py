@@ -222,18 +222,25 @@ class _Units:
         self.dim = dim
         self.max: torch.Tensor | None = None
         self.min: torch.Tensor | None = None
+        self._piece: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extremes(self, p: torch.Tensor) -> list[torch.Tensor]:
         """[max, min] of the piece when no unit axis is kept; else folds its per-unit extremes, returns []."""
         if self.dim is None:
             return [p.amax(), p.amin()]  # measured faster than aminmax on the CPU
         dims = _other_dims(p, self.dim)
-        pmax, pmin = p.amax(dim=dims), p.amin(dim=dims)
         if self.max is None:
-            self.max, self.min = pmax, pmin
-        else:
-            torch.maximum(self.max, pmax, out=self.max)
-            torch.minimum(self.min, pmin, out=self.min)  # type: ignore[arg-type]
+            self.max, self.min = p.amax(dim=dims), p.amin(dim=dims)
+            return []
+        # Each piece's per-unit extremes go into one reused pair of buffers: a fresh pair per piece (two
+        # unit-sized vectors times hundreds of pieces) left the allocator holding tens of MB at its peak.
+        if self._piece is None:
+            self._piece = (torch.empty_like(self.max), torch.empty_like(self.min))  # type: ignore[arg-type]
+        pmax, pmin = self._piece
+        torch.amax(p, dim=dims, out=pmax)
+        torch.amin(p, dim=dims, out=pmin)
+        torch.maximum(self.max, pmax, out=self.max)
+        torch.minimum(self.min, pmin, out=self.min)  # type: ignore[arg-type]
         return []
 
     def result(self, absolute: bool) -> torch.Tensor:
