@@ -96,14 +96,17 @@ class Finding:
 
 
 def sort_findings(findings: list[Finding], layer_order: dict[str, int] | None = None) -> list[Finding]:
-    """Most severe first; among equals the root causes (NaN's origin, a finding that others were folded
-    into) earliest step first, so a divergence that later turned into NaN leads the NaN it caused; then
-    the rest in model order, so the earliest affected layer leads."""
+    """Most severe first; among equals the root causes (NaN's origin, an explosion or divergence, a finding
+    that others were folded into) earliest step first, so a blow-up that later turned into NaN leads the
+    NaN it caused; then the rest in model order, so the earliest affected layer leads."""
     order = layer_order or {}
+
+    # A blow-up (gradients exploding, the loss diverging) that began before a NaN is that NaN's cause.
+    blow_up = (Kind.NONFINITE.value, Kind.EXPLODING_GRADIENT.value, Kind.LOSS_DIVERGENCE.value)
 
     def key(f: Finding) -> tuple:
         step = f.step if f.step is not None else -1
-        if f.kind == Kind.NONFINITE.value or "folded" in f.evidence:
+        if f.kind in blow_up or "folded" in f.evidence:
             return (-f.rank, 0, step, 0 if f.kind == Kind.NONFINITE.value else 1, order.get(f.layer, 1 << 30), f.kind)
         return (-f.rank, 1, 0, 0, order.get(f.layer, 1 << 30), step, f.kind)
 

@@ -252,6 +252,11 @@ def test_sorting_puts_roots_first_among_equals():
     # Roots lead earliest first: a too-large step at step 0 leads the NaN it caused at step 3.
     n.step = 3
     assert [f.layer for f in sort_findings([a, b, n], order)] == ["b", "z", "a"]
+    # An explosion that began before the NaN is its cause and leads it; one after it does not.
+    e = Finding("exploding_gradient", "critical", "a", 2, "m.", "h.")
+    assert [f.kind for f in sort_findings([n, e], order)] == ["exploding_gradient", "nonfinite"]
+    e.step = 5
+    assert [f.kind for f in sort_findings([n, e], order)] == ["nonfinite", "exploding_gradient"]
 
 
 # --- init_scale -----------------------------------------------------------------------------------------
