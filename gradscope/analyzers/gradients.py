@@ -240,6 +240,7 @@ def _gaps(
 def _exploding(history: History, series: dict[str, LayerSeries], th: Thresholds) -> list[Finding]:
     found: list[Finding] = []
     names = list(series)
+    clipped = _clip_hidden(history, series, th)  # one run-wide verdict, naming at most one layer
     for i, name in enumerate(names):
         s = series[name]
         # A layer born near zero (zero-init residual branches, ReZero) has gradients far above its weights
@@ -247,9 +248,8 @@ def _exploding(history: History, series: dict[str, LayerSeries], th: Thresholds)
         waking = _weight_growth(s) >= th.exploding_waking_growth and _first_rms(s) < th.exploding_waking_rms
         hits = [(_growth(s, th), False), (_ratio_explosion(s, th), not waking), (_steady_growth(history, s, th), False)]
         graded = [(_grade(hit, th, history, standalone=alone), hit) for hit, alone in hits if hit is not None]
-        clipped = _clip_hidden(history, name, series, th)
-        if clipped is not None:
-            graded.append((clipped[0], clipped[1]))
+        if clipped is not None and clipped[0] == name:
+            graded.append((clipped[1], clipped[2]))
         if not graded:
             hit = _depth_explosion(s, [series[n] for n in names[i + 1 :]], th)
             if hit is None:
@@ -431,8 +431,8 @@ def _depth_explosion(s: LayerSeries, later: list[LayerSeries], th: Thresholds) -
 
 
 def _clip_hidden(
-    history: History, name: str, series: dict[str, LayerSeries], th: Thresholds
-) -> tuple[Severity, _Hit] | None:
+    history: History, series: dict[str, LayerSeries], th: Thresholds
+) -> tuple[str, Severity, _Hit] | None:
     """An explosion the user's clip hides: the clip shrinks the global gradient ``clip_hidden_ratio``-fold
     or more on most collected steps, and this layer holds most of the pre-clip gradient and the largest
     gradient relative to its weights. Gradients are read as backward produced them (before the clip), so
@@ -447,8 +447,9 @@ def _clip_hidden(
     # The layer that explodes: the largest median relative gradient, holding most of the squared norm.
     rel = {n: median(x for x in ser.ratio if math.isfinite(x)) for n, ser in series.items()
            if any(math.isfinite(x) for x in ser.ratio)}
-    if not rel or max(rel, key=rel.__getitem__) != name:
+    if not rel:
         return None
+    name = max(rel, key=rel.__getitem__)
     s = series[name]
     total = {r.step: sum(p.grad_norm**2 for p in r.params.values() if p.grad_norm is not None and
                          math.isfinite(p.grad_norm)) for r in steps}
@@ -475,7 +476,7 @@ def _clip_hidden(
         f"is what gradient clipping keeps cutting: before the clip it holds {median(shares):.0%} of the "
         f"gradient, which the clip shrank {typical:.0f}x (median) on {len(clipped)} of {len(steps)} collected steps"
     )
-    return severity, (onset, True, evidence, what)
+    return name, severity, (onset, True, evidence, what)
 
 
 def _explosion_symptom(history: History, onset: int, th: Thresholds) -> bool:
